@@ -1,0 +1,157 @@
+"""The :class:`Governor`: what every governor middleware shares.
+
+One object holds the config, the catalog, the clock, the state backend, the key
+resolver and the metrics. Each middleware takes it as ``governor=``; a middleware
+mounted without one builds a default (memory backend, default catalog) so it works
+alone. :meth:`Governor.enter` is the single entry every middleware calls first.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from governor import context as c
+from governor import headers as h
+from governor.backends import Backend, backend_from_config
+from governor.catalog import Catalog
+from governor.clock import SYSTEM_CLOCK, Clock
+from governor.config import Config
+from governor.errors import RequestError, send_error
+from governor.keys import ConfigKeyResolver, KeyResolver
+from governor.metrics import Metrics
+from governor.types import Message, Receive, Scope, Send
+
+_GOVERNOR_ACTIVE = h.header(h.GOVERNOR, "active")
+_REQUEST_ID = h.wire(h.REQUEST_ID)
+
+
+class Governor:
+    """Shared runtime of a governor stack: config, catalog, clock, backend, keys, metrics.
+
+    ``async with Governor(...)`` closes the backend on exit; so does :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        backend: Backend | None = None,
+        clock: Clock | None = None,
+        key_resolver: KeyResolver | None = None,
+        registry: CollectorRegistry | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.config = config if config is not None else Config()
+        self.catalog = catalog if catalog is not None else self.config.catalog()
+        self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
+        self.backend = backend if backend is not None else backend_from_config(self.config)
+        self.keys: KeyResolver = (
+            key_resolver if key_resolver is not None else ConfigKeyResolver.from_config(self.config)
+        )
+        self.metrics = Metrics(registry)
+        self._requests = self.metrics.counter(
+            "requests", "Governed requests by surface and HTTP status.", ("surface", "status")
+        )
+        self._bad_input = self.metrics.counter(
+            "bad_requests", "Requests refused while parsing, by error code.", ("code",)
+        )
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> Governor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def enter(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[c.RequestContext | None, Receive, Send] | None:
+        """The request context of *scope*, parsing it if no middleware has yet.
+
+        Returns ``(ctx, receive, send)`` to pass on; ``ctx`` is None when the path is not
+        governed (pass it through untouched). Returns None when the request was answered
+        here (bad input: an error in the caller's shape, nothing consumed, or a client
+        that left while sending its body): the caller must stop. The first middleware
+        to see a request reads its body once and replays it downstream byte for byte;
+        its ``send`` adds ``X-Hypereal-Request-Id`` and ``X-Hypereal-Managed-Governor``
+        and feeds the one :class:`~governor.response.ResponseObserver`.
+        """
+        ctx = c.get_context(scope)
+        if ctx is not None:
+            return ctx, receive, send
+        route = c.match_route(scope)
+        if route is None:
+            return None, receive, send
+        shape = route[0].shape
+        request_id = c.new_request_id()
+        try:
+            c.check_method(scope, route)
+            api_key = c.extract_key(list(scope.get("headers", ())))
+            policy = await c.resolve_key(self.keys, api_key)
+            ctx = c.new_context(
+                scope,
+                route,
+                api_key,
+                policy,
+                request_id=request_id,
+                arrived=self.clock.monotonic(),
+                arrived_wall=self.clock.time(),
+            )
+            if route[1] == "POST":
+                body = await c.read_body(scope, receive, self.config.max_body_bytes)
+                if body is None:  # the client left while sending the body
+                    return None
+                ctx.body = body
+                c.apply_payload(ctx, c.parse_body(body), self.catalog)
+        except RequestError as exc:
+            self._bad_input.labels(exc.code or exc.reason).inc()
+            await send_error(send, exc, shape, request_id)
+            return None
+        scope[c.SCOPE_KEY] = ctx
+        return ctx, self._replay(ctx, receive), self._observe(ctx, send)
+
+    def _replay(self, ctx: c.RequestContext, receive: Receive) -> Receive:
+        replayed = ctx.method != "POST"
+
+        async def replay() -> Message:
+            # The body once, then the real receive: a replay that kept answering with
+            # the body would make a streaming response spin (it polls for disconnect).
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": ctx.body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                ctx.disconnected = True
+            return message
+
+        return replay
+
+    def _observe(self, ctx: c.RequestContext, send: Send) -> Send:
+        clock = self.clock
+        observer = ctx.response
+        request_id = (_REQUEST_ID, ctx.request_id.encode())
+        requests = self._requests
+
+        async def observed(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                h.replace(message, [request_id, _GOVERNOR_ACTIVE])
+                observer.on_start(message, clock.monotonic())
+                requests.labels(ctx.surface.value, str(message["status"])).inc()
+            elif kind == "http.response.body":
+                observer.on_body(message, clock.monotonic())
+            try:
+                await send(message)
+            except OSError:
+                ctx.disconnected = True
+                raise
+
+        return observed
+
+    async def refuse(self, ctx: c.RequestContext, send: Send, error: RequestError) -> None:
+        """Answer *ctx* with *error* in its shape, marking it as governor's own refusal."""
+        ctx.refusal = error.reason
+        await send_error(send, error, ctx.shape, ctx.request_id)
