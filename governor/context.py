@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -144,7 +144,8 @@ class RequestContext:
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    # 96 random bits: unique enough for a request id, cheaper than uuid4.
+    return "req_" + os.urandom(12).hex()
 
 
 def get_context(scope: Scope) -> RequestContext | None:

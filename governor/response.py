@@ -42,6 +42,7 @@ class ResponseObserver:
 
     __slots__ = (
         "_buffer",
+        "_buffered",
         "_pending",
         "body_bytes",
         "complete",
@@ -64,7 +65,8 @@ class ResponseObserver:
         self.is_sse = False
         self.usage: Usage | None = None
         self.stream_error = False
-        self._buffer: bytearray | None = None
+        self._buffer: list[bytes] | None = None
+        self._buffered = 0
         self._pending = b""
 
     @property
@@ -77,7 +79,8 @@ class ResponseObserver:
         ctype = h.get(message.get("headers", ()), b"content-type") or b""
         self.is_sse = ctype.startswith(b"text/event-stream")
         if not self.is_sse and b"json" in ctype:
-            self._buffer = bytearray()
+            self._buffer = []
+            self._buffered = 0
 
     def on_body(self, message: Message, now: float) -> None:
         body: bytes = message.get("body", b"")
@@ -88,23 +91,20 @@ class ResponseObserver:
             if self.is_sse:
                 self._scan_sse(body)
             elif self._buffer is not None:
-                if len(self._buffer) + len(body) > MAX_BUFFERED_BODY:
+                self._buffered += len(body)
+                if self._buffered > MAX_BUFFERED_BODY:
                     self._buffer = None
                 else:
-                    self._buffer += body
+                    self._buffer.append(body)
         if not message.get("more_body", False):
             self.complete = True
             self.finished_at = now
-            if self._buffer is not None:
-                self._parse_body(bytes(self._buffer))
-                self._buffer = None
+            if self._buffer:
+                self._parse_body(b"".join(self._buffer))
+            self._buffer = None
 
     def _parse_body(self, body: bytes) -> None:
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return
-        self.usage = usage_mod.from_body(payload)
+        self.usage = usage_mod.from_json_bytes(body)
 
     def _scan_sse(self, chunk: bytes) -> None:
         data = self._pending + chunk

@@ -30,7 +30,7 @@ def _text_chars(content: Any) -> tuple[int, int]:
         for part in content:
             if isinstance(part, str):
                 chars += len(part)
-            elif isinstance(part, Mapping):
+            elif isinstance(part, dict):
                 if part.get("type") in _IMAGE_PART_TYPES:
                     images += 1
                     continue
@@ -40,9 +40,9 @@ def _text_chars(content: Any) -> tuple[int, int]:
                         c, i = _text_chars(value)
                         chars += c
                         images += i
-                if isinstance(part.get("input"), Mapping):
+                if isinstance(part.get("input"), dict):
                     chars += len(json.dumps(part["input"]))
-    elif isinstance(content, Mapping):
+    elif isinstance(content, dict):
         return _text_chars([content])
     return chars, images
 
@@ -55,7 +55,7 @@ def estimate_input_tokens(payload: Mapping[str, Any]) -> int:
         if isinstance(value, list):
             for message in value:
                 messages += 1
-                if isinstance(message, Mapping):
+                if isinstance(message, dict):
                     c, i = _text_chars(message.get("content"))
                 else:
                     c, i = _text_chars(message)
