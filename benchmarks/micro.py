@@ -124,10 +124,14 @@ LAYERS = (
 
 def variants() -> dict[str, Callable[[g.Governor], ASGIApp]]:
     out: dict[str, Callable[[g.Governor], ASGIApp]] = {"bare app": lambda gov: upstream}
+
+    def layer(cls: Any) -> Callable[[g.Governor], ASGIApp]:
+        return lambda gov: cls(upstream, governor=gov)  # type: ignore[no-any-return]
+
     for name in LAYERS:
         cls: Any = getattr(g, name, None)
         if cls is not None:
-            out[name] = lambda gov, cls=cls: cls(upstream, governor=gov)
+            out[name] = layer(cls)
     out["full stack (wrap)"] = lambda gov: g.wrap(upstream, gov)
     return out
 
