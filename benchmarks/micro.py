@@ -126,7 +126,7 @@ def variants() -> dict[str, Callable[[g.Governor], ASGIApp]]:
     out: dict[str, Callable[[g.Governor], ASGIApp]] = {"bare app": lambda gov: upstream}
 
     def layer(cls: Any) -> Callable[[g.Governor], ASGIApp]:
-        return lambda gov: cls(upstream, governor=gov)  # type: ignore[no-any-return]
+        return lambda gov: cls(upstream, governor=gov)
 
     for name in LAYERS:
         cls: Any = getattr(g, name, None)
