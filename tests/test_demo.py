@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UP_OPENAI = "sk-upstream-openai"
 UP_ANTHROPIC = "sk-ant-upstream"
 KEY = "ck_test"
-HELLO = [{"role": "user", "content": "Hello"}]
+HELLO: Any = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +184,7 @@ async def test_chat_with_image_modality(proxy: str) -> None:
     """Chat with modalities image+text returns a base64 data URL in the message."""
     async with oai(proxy) as client:
         reply = await client.chat.completions.create(
-            model="nano-banana-2", messages=HELLO, modalities=["image", "text"]
+            model="nano-banana-2", messages=HELLO, extra_body={"modalities": ["image", "text"]}
         )
     images = (reply.choices[0].message.model_extra or {})["images"]
     assert images[0]["image_url"]["url"].startswith("data:image/png;base64,")
@@ -208,12 +208,14 @@ async def test_anthropic_messages(proxy: str) -> None:
 
 async def test_anthropic_stream(proxy: str) -> None:
     """The Anthropic SDK's stream helper assembles the full event sequence."""
-    async with ant(proxy) as client:
-        async with client.messages.stream(
+    async with (
+        ant(proxy) as client,
+        client.messages.stream(
             model="claude-sonnet-4-7", max_tokens=3, messages=[{"role": "user", "content": "Hi"}]
-        ) as stream:
-            text = "".join([t async for t in stream.text_stream])
-            final = await stream.get_final_message()
+        ) as stream,
+    ):
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
     assert text == "Hello from the"
     assert final.stop_reason == "max_tokens"
     assert final.usage.output_tokens == 3
@@ -240,7 +242,9 @@ async def test_bad_key_is_authentication_error(mock: tuple[MockUpstream, str]) -
                 await client.chat.completions.create(model="gpt-5-5", messages=HELLO)
         async with ant(url, key="ck_stranger") as aclient:
             with pytest.raises(anthropic.AuthenticationError) as ae:
-                await aclient.messages.create(model="claude-sonnet-4-7", max_tokens=8, messages=HELLO)
+                await aclient.messages.create(
+                    model="claude-sonnet-4-7", max_tokens=8, messages=HELLO
+                )
         async with oai(url, key="ck_alice") as client:
             await client.chat.completions.create(model="gpt-5-5", messages=HELLO)
     assert oe.value.status_code == 401
@@ -296,7 +300,9 @@ async def test_refusals_reach_sdks_as_their_classes(
                 await client.chat.completions.create(model="gpt-5-5", messages=HELLO)
         async with ant(url) as aclient:
             with pytest.raises(anthropic_exc):
-                await aclient.messages.create(model="claude-sonnet-4-7", max_tokens=8, messages=HELLO)
+                await aclient.messages.create(
+                    model="claude-sonnet-4-7", max_tokens=8, messages=HELLO
+                )
     assert not mock[0].requests  # nothing reached the upstream
 
 
@@ -321,7 +327,9 @@ async def test_sdks_obey_should_retry_false(
         async with ant(url, retries=3) as aclient:
             record_delays(aclient, monkeypatch)
             with pytest.raises(anthropic.RateLimitError):
-                await aclient.messages.create(model="claude-sonnet-4-7", max_tokens=8, messages=HELLO)
+                await aclient.messages.create(
+                    model="claude-sonnet-4-7", max_tokens=8, messages=HELLO
+                )
     assert refusers[0].calls == 2  # one attempt each
 
 
@@ -350,7 +358,9 @@ async def test_sdks_retry_after_governor_retry_after(
         async with ant(url, retries=2) as aclient:
             anthropic_delays = record_delays(aclient, monkeypatch)
             with pytest.raises(anthropic.PermissionDeniedError):
-                await aclient.messages.create(model="claude-sonnet-4-7", max_tokens=8, messages=HELLO)
+                await aclient.messages.create(
+                    model="claude-sonnet-4-7", max_tokens=8, messages=HELLO
+                )
     assert refusers[0].calls == 6  # 1 + 2 retries, twice
     assert openai_delays == [3.0, 3.0]
     assert anthropic_delays == [3.0, 3.0]
@@ -371,13 +381,11 @@ async def test_stream_is_not_buffered_and_disconnect_closes_upstream(
             proxy + "/v1/managed/chat/completions", json=body, headers=headers
         )
         seen = b""
-        async with asyncio.timeout(5):
-            while b'"content":"Hello ' not in seen:
-                seen += await response.content.readany()
+        while b'"content":"Hello ' not in seen:
+            seen += await asyncio.wait_for(response.content.readany(), 5)
         assert upstream.active == 1  # the upstream has not finished: nothing was buffered
         response.close()
-    async with asyncio.timeout(5):
-        await upstream.left.wait()
+    await asyncio.wait_for(upstream.left.wait(), 5)
     assert upstream.disconnects == 1
 
 
@@ -392,7 +400,9 @@ async def test_upstream_down_is_502_in_callers_shape() -> None:
                 await client.chat.completions.create(model="gpt-5-5", messages=HELLO)
         async with ant(url) as aclient:
             with pytest.raises(anthropic.APIStatusError) as ae:
-                await aclient.messages.create(model="claude-sonnet-4-7", max_tokens=8, messages=HELLO)
+                await aclient.messages.create(
+                    model="claude-sonnet-4-7", max_tokens=8, messages=HELLO
+                )
     assert oe.value.status_code == 502
     assert oe.value.code == "upstream_unavailable"
     assert ae.value.status_code == 502
@@ -401,15 +411,14 @@ async def test_upstream_down_is_502_in_callers_shape() -> None:
 
 async def test_upstream_timeout_is_504(mock: tuple[MockUpstream, str]) -> None:
     """An upstream slower than the read timeout is a 504 in the caller's shape."""
-    async with gateway(mock[1], read_timeout_s=0.2) as url:
-        async with ant(url) as aclient:
-            with pytest.raises(anthropic.APIStatusError) as ae:
-                await aclient.messages.create(
-                    model="claude-sonnet-4-7",
-                    max_tokens=8,
-                    messages=HELLO,
-                    extra_headers={"X-Mock-First-Byte-Ms": "3000"},
-                )
+    async with gateway(mock[1], read_timeout_s=0.2) as url, ant(url) as aclient:
+        with pytest.raises(anthropic.APIStatusError) as ae:
+            await aclient.messages.create(
+                model="claude-sonnet-4-7",
+                max_tokens=8,
+                messages=HELLO,
+                extra_headers={"X-Mock-First-Byte-Ms": "3000"},
+            )
     assert ae.value.status_code == 504
     assert ae.value.body["error"]["type"] == "timeout_error"  # type: ignore[index]
 
@@ -424,18 +433,21 @@ async def test_broken_stream_ends_with_error_event(proxy: str) -> None:
             extra_headers={"X-Mock-Drop-After-Chunks": "2"},
         )
         with pytest.raises(openai.APIError, match="broke mid-stream"):
-            async for _ in stream:
+            _ = [chunk async for chunk in stream]
+
+    async def read_anthropic_stream(aclient: anthropic.AsyncAnthropic) -> None:
+        async with aclient.messages.stream(
+            model="claude-sonnet-4-7",
+            max_tokens=8,
+            messages=HELLO,
+            extra_headers={"X-Mock-Drop-After-Chunks": "1"},
+        ) as stream2:
+            async for _ in stream2:
                 pass
+
     async with ant(proxy) as aclient:
         with pytest.raises(anthropic.APIStatusError, match="broke mid-stream"):
-            async with aclient.messages.stream(
-                model="claude-sonnet-4-7",
-                max_tokens=8,
-                messages=HELLO,
-                extra_headers={"X-Mock-Drop-After-Chunks": "1"},
-            ) as stream2:
-                async for _ in stream2:
-                    pass
+            await read_anthropic_stream(aclient)
 
 
 async def test_upstream_errors_pass_through(proxy: str) -> None:
@@ -492,12 +504,14 @@ async def test_forwards_on_the_normalised_surface(
 ) -> None:
     """//v1/messages/?beta=true goes to the upstream's /v1/messages with its query."""
     body = {"model": "claude-sonnet-4-7", "max_tokens": 8, "messages": HELLO}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             proxy + "//v1/messages/?beta=true", json=body, headers={"x-api-key": KEY}
-        ) as response:
-            assert response.status == 200
-            assert (await response.json())["type"] == "message"
+        ) as response,
+    ):
+        assert response.status == 200
+        assert (await response.json())["type"] == "message"
     seen = mock[0].requests[-1]
     assert (seen.path, seen.query) == ("/v1/messages", "beta=true")
 
@@ -534,8 +548,12 @@ async def test_healthz_and_metrics(proxy: str) -> None:
 async def test_mock_usage_is_deterministic_and_can_be_left_out(proxy: str) -> None:
     """The same request gets the same usage; X-Mock-No-Usage leaves it out."""
     async with ant(proxy) as aclient:
-        first = await aclient.messages.create(model="claude-sonnet-4-7", max_tokens=8, messages=HELLO)
-        second = await aclient.messages.create(model="claude-sonnet-4-7", max_tokens=8, messages=HELLO)
+        first = await aclient.messages.create(
+            model="claude-sonnet-4-7", max_tokens=8, messages=HELLO
+        )
+        second = await aclient.messages.create(
+            model="claude-sonnet-4-7", max_tokens=8, messages=HELLO
+        )
     assert first.usage == second.usage
     async with oai(proxy) as client:
         reply = await client.chat.completions.create(
@@ -562,9 +580,18 @@ def test_settings_from_flags_and_environment() -> None:
     assert (upstream.openai_url, upstream.anthropic_url) == ("http://up:1/v1", "http://up:1")
     assert (upstream.openai_key, upstream.anthropic_key) == ("sk-o", "sk-a")
     config = settings.config()
-    assert (config.backend, config.redis.url, config.demo_keys) == ("redis", "redis://r:6379/1", True)
+    assert (config.backend, config.redis.url, config.demo_keys) == (
+        "redis",
+        "redis://r:6379/1",
+        True,
+    )
     assert check_workers(settings, config) is None
-    assert Settings.parse(["--config", str(ROOT / "examples" / "governor.toml")], {}).config().demo_keys is False
+    assert (
+        Settings.parse(["--config", str(ROOT / "examples" / "governor.toml")], {})
+        .config()
+        .demo_keys
+        is False
+    )
 
 
 def test_example_config_has_every_knob() -> None:
@@ -575,8 +602,13 @@ def test_example_config_has_every_knob() -> None:
 
     for section in ("redis", "admission", "ratelimit", "breaker", "fingerprint", "billing"):
         for field in dataclasses.fields(getattr(config, section)):
-            assert f"\n{field.name} =" in text or f"\n# {field.name} =" in text, (section, field.name)
-    assert config.keys and config.accounts and config.models
+            assert f"\n{field.name} =" in text or f"\n# {field.name} =" in text, (
+                section,
+                field.name,
+            )
+    assert config.keys
+    assert config.accounts
+    assert config.models
 
 
 def test_several_workers_on_memory_are_refused() -> None:
