@@ -63,6 +63,9 @@ class Refuser:
         self.calls = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         entered = await self.governor.enter(scope, receive, send)
         if entered is None:
             return
