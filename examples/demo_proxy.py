@@ -47,11 +47,11 @@ if __package__ in (None, ""):  # run as a script: make the `examples` package im
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 
-from examples.forwarder import TARGETS, Forwarder, UpstreamSettings
+from examples.forwarder import TARGETS, Forwarder, UpstreamSettings, forwarding_routes
 from governor import Governor, MetricsApp, get_context, load_config, wrap
 from governor.catalog import ModelSpec
 from governor.config import Config
-from governor.context import ROUTES, Surface, shape_for
+from governor.context import Surface, shape_for
 from governor.errors import ConfigurationError, NotFound, send_error
 from governor.types import ASGIApp, Receive, Scope, Send
 
@@ -240,13 +240,9 @@ class Fallback:
         # lifespan and websockets end here when nothing handles them
 
 
-def core_routes(governor: Governor, forwarder: ASGIApp, models: ASGIApp) -> list[BaseRoute]:
+def core_routes(governor: Governor, forwarder: Forwarder, models: ASGIApp) -> list[BaseRoute]:
     """The demo's own routes: every governed surface, the models list, metrics, health."""
-    routes: list[BaseRoute] = [
-        Route(path, forwarder, methods=[method])
-        for path, (surface, method, _native) in ROUTES.items()
-        if surface in TARGETS
-    ]
+    routes = forwarding_routes(forwarder)
     routes += [
         Route("/v1/managed/models", models, methods=["GET"]),
         Route("/metrics", MetricsApp(governor.metrics.registry), methods=["GET"]),

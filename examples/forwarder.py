@@ -35,9 +35,11 @@ import sys
 from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Route
 
 from governor.catalog import Upstream
-from governor.context import RequestContext, Surface, get_context, match_route
+from governor.context import ROUTES, RequestContext, Surface, get_context, match_route
 from governor.errors import (
     BadGateway,
     GatewayTimeout,
@@ -367,3 +369,28 @@ def _stream_error(exc: BaseException, shape: Shape, request_id: str | None) -> M
         "body": head + b"data: " + data + b"\n\n",
         "more_body": True,
     }
+
+
+def forwarding_routes(forwarder: Forwarder) -> list[BaseRoute]:
+    """A route to *forwarder* for every forwarded surface's canonical path."""
+    return [
+        Route(path, forwarder, methods=[method])
+        for path, (surface, method, _native) in ROUTES.items()
+        if surface in TARGETS
+    ]
+
+
+def bare_app(settings: UpstreamSettings) -> Starlette:
+    """The forwarding proxy alone, without governor: the benchmarks' baseline.
+
+    The same Starlette routing and the same forwarding client as the demo gateway, so
+    the difference between the two is governor's cost.
+    """
+    forwarder = Forwarder(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with forwarder.lifespan():
+            yield
+
+    return Starlette(routes=forwarding_routes(forwarder), lifespan=lifespan)

@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from examples.demo_proxy import Settings, build_app, check_workers
-from examples.forwarder import UpstreamSettings
+from examples.forwarder import UpstreamSettings, bare_app
 from examples.mock_upstream import MockUpstream
 from examples.serving import serve
 from governor import Config, Governor, load_config
@@ -563,6 +563,18 @@ async def test_mock_usage_is_deterministic_and_can_be_left_out(proxy: str) -> No
             model="gpt-5-5", messages=HELLO, extra_headers={"X-Mock-No-Usage": "1"}
         )
     assert reply.usage is None
+
+
+async def test_bare_forwarder_without_governor(mock: tuple[MockUpstream, str]) -> None:
+    """The bare forwarding app proxies on its own, with no governor headers."""
+    upstream = UpstreamSettings.for_root(mock[1], openai_key=UP_OPENAI)
+    async with serve(bare_app(upstream)) as url, oai(url, key="anything") as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-5-5", messages=HELLO
+        )
+    assert "x-hypereal-managed-governor" not in raw.headers
+    assert raw.parse().choices[0].message.content == "Hello from the mock"
+    assert mock[0].requests[-1].headers["authorization"] == f"Bearer {UP_OPENAI}"
 
 
 # --- the command line -----------------------------------------------------------------
