@@ -384,6 +384,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             anthropic_key=settings.anthropic_key or MOCK_ANTHROPIC_KEY,
         )
     upstream = settings.upstream or f"{settings.openai_url} + {settings.anthropic_url}"
+    if mock is None and not (settings.openai_key and settings.anthropic_key):
+        print(
+            "demo_proxy: warning: no upstream credentials for "
+            + " and ".join(
+                name
+                for name, key in (
+                    ("OpenAI", settings.openai_key),
+                    ("Anthropic", settings.anthropic_key),
+                )
+                if not key
+            )
+            + " (set GOVERNOR_OPENAI_API_KEY / GOVERNOR_ANTHROPIC_API_KEY)",
+            file=sys.stderr,
+        )
     key = DEMO_KEY if settings.config_path is None else _first_key(config)
     log = "warning" if mock is not None else "info"
     multiproc_dir: str | None = None

@@ -541,7 +541,12 @@ class MockUpstream:
             )
             await _respond(send, 404, error, [id_header])
             return
-        faults = Faults.from_headers(headers)
+        try:
+            faults = Faults.from_headers(headers)
+        except ValueError:
+            error = error_payload(400, "An X-Mock-* header is not a number.", anthropic, request_id)
+            await _respond(send, 400, error, [id_header])
+            return
         try:
             payload = json.loads(body)
             if not isinstance(payload, dict):
