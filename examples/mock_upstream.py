@@ -33,8 +33,9 @@ Fault injection, by request header (milliseconds as numbers):
 ``X-Mock-No-Usage``          leave usage out of the answer
 
 In-process use (tests, the demo): :class:`MockUpstream` is the ASGI app and records
-what it saw (``requests``, ``disconnects``); ``examples.serving.serve(app)`` runs it on a
-free port of the running loop, ``ServerThread(app).start()`` on a thread of its own.
+what it saw (``requests``, ``disconnects``; events ``arrived`` and ``left``);
+``examples.serving.serve(app)`` runs it on a free port of the running loop,
+``ServerThread(app).start()`` on a thread of its own.
 """
 
 from __future__ import annotations
@@ -511,6 +512,7 @@ class MockUpstream:
         self.disconnects = 0
         self.active = 0
         self.left = asyncio.Event()  # set when a client leaves mid-answer
+        self.arrived = asyncio.Event()  # set when a request is recorded
         logger = logging.getLogger("uvicorn.error")
         if _DROP_FILTER not in logger.filters:
             logger.addFilter(_DROP_FILTER)
@@ -531,6 +533,7 @@ class MockUpstream:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = scope.get("query_string", b"").decode("latin-1")
         self.requests.append(SeenRequest(scope["method"], path, query, headers, body))
+        self.arrived.set()
         endpoint = ENDPOINTS.get(path)
         anthropic = path.startswith("/v1/messages")
         request_id = _id("req_")

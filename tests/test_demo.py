@@ -392,6 +392,25 @@ async def test_stream_is_not_buffered_and_disconnect_closes_upstream(
     assert upstream.disconnects == 1
 
 
+async def test_leaving_before_the_first_byte_closes_upstream(
+    mock: tuple[MockUpstream, str], proxy: str
+) -> None:
+    """A client that leaves while the upstream has not answered yet closes its request."""
+    upstream, _ = mock
+    body = {"model": "claude-sonnet-4-7", "max_tokens": 8, "messages": HELLO}
+    headers = {"x-api-key": KEY, "x-mock-first-byte-ms": "30000"}
+    async with aiohttp.ClientSession() as session:
+        call = asyncio.ensure_future(
+            session.post(proxy + "/v1/messages", json=body, headers=headers)
+        )
+        await asyncio.wait_for(upstream.arrived.wait(), 5)
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+    await asyncio.wait_for(upstream.left.wait(), 5)
+    assert upstream.disconnects == 1
+
+
 async def test_upstream_down_is_502_in_callers_shape() -> None:
     """An upstream that refuses connections is a 502 in the OpenAI or Anthropic shape."""
     with socket.socket() as sock:
