@@ -207,24 +207,25 @@ class Forwarder:
         upstream, path = TARGETS[surface]
         return upstream, self._bases[upstream] + path
 
-    def request_headers(self, raw: Iterable[tuple[bytes, bytes]], upstream: Upstream) -> RawHeaders:
+    def request_headers(
+        self, raw: Iterable[tuple[bytes, bytes]], upstream: Upstream
+    ) -> list[tuple[str, str]]:
         """*raw* without what must not reach the upstream, plus the upstream's credentials."""
         named: set[bytes] = set()
         for name, value in raw:
             if name.lower() == b"connection":  # headers it names are hop-by-hop too
                 named.update(v.strip().lower() for v in value.split(b","))
-        out: RawHeaders = []
+        out: list[tuple[str, str]] = []
         has_version = False
         for name, value in raw:
             lname = name.lower()
             if lname in DROP_REQUEST or lname in named or lname.startswith(GOVERNOR_PREFIX):
                 continue
             has_version = has_version or lname == b"anthropic-version"
-            out.append((lname, value))
-        for name_s, value_s in self._credentials[upstream]:
-            out.append((name_s.encode(), value_s.encode("latin-1")))
+            out.append((lname.decode("latin-1"), value.decode("latin-1")))
+        out += self._credentials[upstream]
         if upstream is Upstream.ANTHROPIC and not has_version:
-            out.append((b"anthropic-version", self.settings.anthropic_version.encode()))
+            out.append(("anthropic-version", self.settings.anthropic_version))
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -268,7 +269,7 @@ class Forwarder:
         self,
         method: str,
         url: str,
-        headers: RawHeaders,
+        headers: list[tuple[str, str]],
         body: bytes,
         send: Send,
         shape: Shape,
@@ -279,13 +280,12 @@ class Forwarder:
                 method,
                 url,
                 data=body,
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                headers=headers,
                 allow_redirects=False,
             )
         except asyncio.TimeoutError:
-            limit = self.settings.read_timeout_s
             error: RequestError = GatewayTimeout(
-                f"The upstream did not answer within {limit:g} s.", reason="upstream_timeout"
+                "The upstream did not answer in time.", reason="upstream_timeout"
             )
             await send_error(send, error, shape, request_id)
             return
