@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import anthropic
-import httpx
 import httpx2
 import openai
 import pytest
@@ -29,12 +28,9 @@ def gov(clock: ManualClock) -> Governor:
     return make_governor(MemoryBackend(), clock)
 
 
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
-
-
-def client2(app: ASGIApp) -> httpx2.AsyncClient:
-    """The Anthropic SDK (2.x) is built on httpx2, with the same ASGI transport."""
+def client(app: ASGIApp) -> httpx2.AsyncClient:
+    """Both SDKs (openai 3.x, anthropic 2.x) are built on httpx2, whose ASGITransport
+    is httpx's."""
     return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app))
 
 
@@ -50,7 +46,8 @@ async def test_openai_sdk_parses_billing_and_insurance(gov: Governor, clock: Man
         )
         completion = raw.parse()
     assert completion.choices[0].message.content == "hello"
-    assert completion.usage is not None and completion.usage.completion_tokens == 500
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 500
     extra = completion.model_extra or {}
     assert extra["hypereal"]["billing"]["credits_charged"] == 12
     assert extra["hypereal"]["insurance"]["status"] == "paid"
@@ -99,7 +96,7 @@ async def test_anthropic_sdk_parses_billing_and_insurance(
 ) -> None:
     """The Anthropic SDK parses a message with hypereal metadata."""
     app = stack(json_app(clock, anthropic_message(), work_s=95), gov)
-    async with client2(app) as http:
+    async with client(app) as http:
         sdk = anthropic.AsyncAnthropic(base_url="http://gw", api_key=KEY, http_client=http)
         message = await sdk.messages.create(
             model="claude-sonnet-4-7",
@@ -123,7 +120,7 @@ async def test_anthropic_sdk_does_not_retry_budget(clock: ManualClock) -> None:
         attempts.append(1)
         await inner(scope, receive, send)
 
-    async with client2(app) as http:
+    async with client(app) as http:
         sdk = anthropic.AsyncAnthropic(base_url="http://gw", api_key=KEY, http_client=http)
         with pytest.raises(anthropic.RateLimitError):
             await sdk.messages.create(
