@@ -41,7 +41,15 @@ class Insurance:
     credits_compensated: int
 
     def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            "status": self.status,
+            "trigger": self.trigger,
+            "reason": self.reason,
+            "latency_ms": self.latency_ms,
+            "threshold_ms": self.threshold_ms,
+            "credits_charged": self.credits_charged,
+            "credits_compensated": self.credits_compensated,
+        }
 
     def headers(self) -> RawHeaders:
         return [

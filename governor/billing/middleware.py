@@ -80,12 +80,17 @@ def opening_balance(governor: Governor, account: str) -> int:
     return governor.config.billing.default_balance
 
 
-async def shielded(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run *coro* to the end even if the caller is cancelled while awaiting it."""
+def spawn(coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    """*coro* as a task kept alive until it ends, even if its request is gone."""
     task = asyncio.ensure_future(coro)
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
-    return await asyncio.shield(task)
+    return task
+
+
+async def shielded(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run *coro* to the end even if the caller is cancelled while awaiting it."""
+    return await asyncio.shield(spawn(coro))
 
 
 class QuotaExceeded(RateLimited):
@@ -188,6 +193,7 @@ class _Billed:
         self.held_start: Message | None = None
         self.buffer = bytearray()
         self.task: asyncio.Task[None] | None = None
+        self.payload: Any = None
 
     # --- admission ----------------------------------------------------------------
 
@@ -242,13 +248,9 @@ class _Billed:
             raise
         finally:
             if self.task is None:
-                self.task = asyncio.ensure_future(self._finish_after(exc))
+                self.task = spawn(self._finish_after(exc))
                 ctx.notes["billing_task"] = self.task
-            await shielded(self._wait(self.task))
-
-    @staticmethod
-    async def _wait(task: asyncio.Task[None]) -> None:
-        await task
+            await asyncio.shield(self.task)
 
     # --- the response ---------------------------------------------------------------
 
@@ -289,15 +291,14 @@ class _Billed:
             return
         if more:
             return
-        self.task = asyncio.ensure_future(self._finish_json())
+        self.task = spawn(self._finish_json())
         self.ctx.notes["billing_task"] = self.task
-        start, body = await shielded(self._rewritten())
+        await asyncio.shield(self.task)
+        start, body = self._rewritten()
         await self.downstream(start)
         await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _rewritten(self) -> tuple[Message, bytes]:
-        assert self.task is not None
-        await self.task
+    def _rewritten(self) -> tuple[Message, bytes]:
         start = self.held_start
         assert start is not None
         body = bytes(self.buffer)
@@ -310,7 +311,7 @@ class _Billed:
             extra["insurance"] = insurance.as_json()
             h.append(start, insurance.headers())
         if extra:
-            body = splice_hypereal(body, extra)
+            body = splice_hypereal(body, extra, self.payload)
             h.replace(start, [(b"content-length", str(len(body)).encode())])
         return start, body
 
@@ -321,6 +322,7 @@ class _Billed:
             payload = json.loads(self.buffer)
         except ValueError:
             payload = None
+        self.payload = payload
         await self._settle(True, usage_mod.from_body(payload), self.mw.governor.clock.monotonic())
 
     async def _finish_after(self, exc: BaseException | None) -> None:
@@ -399,17 +401,19 @@ class _Billed:
         ctx.notes["credits_compensated"] = result.credits_compensated
 
 
-def splice_hypereal(body: bytes, extra: dict[str, Any]) -> bytes:
+def splice_hypereal(body: bytes, extra: dict[str, Any], payload: Any = ...) -> bytes:
     """*body* (a JSON object) with ``hypereal`` holding *extra*, upstream bytes untouched.
 
     The object is appended before the closing brace; if the body already has a
-    ``hypereal`` object (or is not an object) it is decoded and re-encoded instead.
+    ``hypereal`` object it is merged and the body re-encoded. A body that is not a JSON
+    object is returned as it is. *payload* is the body already decoded, if it was.
     """
     stripped = body.rstrip()
-    try:
-        payload = json.loads(stripped)
-    except ValueError:
-        return body
+    if payload is ...:
+        try:
+            payload = json.loads(stripped)
+        except ValueError:
+            return body
     if not isinstance(payload, dict):
         return body
     if "hypereal" in payload:

@@ -33,15 +33,20 @@ def _exact(value: float) -> Fraction:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rates:
-    """Credits per token for each class of one model, exactly."""
+    """Credits per token for each class of one model, exactly: integer numerators over
+    one common denominator (integer arithmetic on the hot path, no float drift)."""
 
-    input: Fraction
-    cache_read: Fraction
-    cache_write: Fraction
-    output: Fraction
+    input: int
+    cache_read: int
+    cache_write: int
+    output: int
+    denominator: int
 
     def cost(self, usage: Usage) -> Fraction:
         """Exact credits (fractional) of *usage*."""
+        return Fraction(self._numerator(usage), self.denominator)
+
+    def _numerator(self, usage: Usage) -> int:
         return (
             usage.input_tokens * self.input
             + usage.cache_read_tokens * self.cache_read
@@ -51,7 +56,7 @@ class Rates:
 
     def credits(self, usage: Usage) -> int:
         """Whole credits of *usage*: the exact cost rounded up."""
-        return math.ceil(self.cost(usage))
+        return -(-self._numerator(usage) // self.denominator)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -63,12 +68,15 @@ def rates(model: ModelSpec, credit_usd: float) -> Rates:
     def rate(price: float | None) -> Fraction:
         return (base if price is None else _exact(price)) / per
 
-    return Rates(
-        input=base / per,
-        cache_read=rate(model.cache_read_price),
-        cache_write=rate(model.cache_write_price),
-        output=_exact(model.output_price) / per,
-    )
+    exact = [
+        base / per,
+        rate(model.cache_read_price),
+        rate(model.cache_write_price),
+        _exact(model.output_price) / per,
+    ]
+    denominator = math.lcm(*(r.denominator for r in exact))
+    i, r, w, o = (int(x * denominator) for x in exact)
+    return Rates(i, r, w, o, denominator)
 
 
 def credits_for(model: ModelSpec, usage: Usage, credit_usd: float) -> int:
