@@ -443,3 +443,16 @@ async def test_reaped_reservation_is_released(backend: Backend, clock: ManualClo
     settled = await ledger.settle(first, 50, limits)
     assert settled.charged == 40
     assert settled.balance_after == 60
+
+
+async def test_wrap_includes_billing_and_usage(backend: Backend, clock: ManualClock) -> None:
+    """wrap() bills and logs when [billing] and [usage] are enabled."""
+    from governor.stack import wrap
+    from governor.usage_log import MemorySink, sink_for
+
+    gov = make_governor(backend, clock)
+    result = await post(wrap(json_app(clock, chat_completion()), gov))
+    assert result.json()["hypereal"]["billing"]["credits_charged"] == 12
+    sink = sink_for(gov)
+    assert isinstance(sink, MemorySink)
+    assert len(sink.records) == 1
