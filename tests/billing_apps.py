@@ -185,3 +185,49 @@ class HeldApp:
         data = json.dumps(chat_completion()).encode()
         await _start(send, 200, b"application/json", len(data))
         await send({"type": "http.response.body", "body": data})
+
+
+def sse_anthropic_app(clock: ManualClock, *, work_s: float = 0.0) -> ASGIApp:
+    """An Anthropic messages stream (usage in message_start and message_delta)."""
+    message = {**anthropic_message(), "content": [], "stop_reason": None}
+    message["usage"] = {"input_tokens": 1000, "output_tokens": 1}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": message}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hello"},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 500},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await _start(send, 200, b"text/event-stream")
+        for i, (name, data) in enumerate(events):
+            frame = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            last = i == len(events) - 1
+            await send({"type": "http.response.body", "body": frame, "more_body": not last})
+            clock.advance(work_s / len(events))
+
+    return app

@@ -18,6 +18,7 @@ from tests.billing_apps import (
     chat_completion,
     json_app,
     make_governor,
+    sse_anthropic_app,
     sse_chat_app,
     stack,
 )
@@ -129,3 +130,24 @@ async def test_anthropic_sdk_does_not_retry_budget(clock: ManualClock) -> None:
                 messages=[{"role": "user", "content": "hi"}],
             )
     assert len(attempts) == 1
+
+
+async def test_anthropic_sdk_stream_settles_with_insurance(
+    gov: Governor, clock: ManualClock
+) -> None:
+    """An Anthropic SDK stream parses; it is charged and insured after it ends."""
+    app = stack(sse_anthropic_app(clock, work_s=120), gov)
+    async with client(app) as http:
+        sdk = anthropic.AsyncAnthropic(base_url="http://gw", api_key=KEY, http_client=http)
+        async with sdk.messages.stream(
+            model="claude-sonnet-4-7",
+            max_tokens=1000,
+            messages=[{"role": "user", "content": "hi"}],
+        ) as stream:
+            text = "".join([t async for t in stream.text_stream])
+            final = await stream.get_final_message()
+            status = stream.response.headers["x-hypereal-insurance-status"]
+    assert text == "hello"
+    assert final.usage.output_tokens == 500
+    assert status == "pending"
+    assert await ledger_for(gov).balance("acme", 1000) == 1000 - 12 + 3
