@@ -151,11 +151,26 @@ def _inner_refusal(gov: Governor) -> ASGIApp:
     return app
 
 
+def _broken_stream(clock: ManualClock) -> ASGIApp:
+    """A 2xx stream that ends with an error event instead of [DONE]."""
+    sse = sse_chat_app(clock)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_error_event(message: Any) -> None:
+            if message.get("body", b"").startswith(b"data: [DONE]"):
+                message = {**message, "body": b'event: error\ndata: {"error": {}}\n\n'}
+            await send(message)
+
+        await sse(scope, receive, send_error_event)
+
+    return app
+
+
 @pytest.mark.parametrize("kind", ["500", "exception", "refused", "disconnect", "broken"])
 async def test_failed_requests_are_not_charged(
     backend: Backend, clock: ManualClock, kind: str
 ) -> None:
-    """Upstream errors, exceptions, inner refusals and disconnects charge nothing."""
+    """Upstream errors, exceptions, inner refusals, disconnects, broken streams: free."""
     gov = make_governor(backend, clock)
     gone = asyncio.Event()
     apps: dict[str, ASGIApp] = {
@@ -163,7 +178,7 @@ async def test_failed_requests_are_not_charged(
         "exception": failing_app,
         "refused": _inner_refusal(gov),
         "disconnect": _disconnecting_stream(gone),
-        "broken": json_app(clock, chat_completion(), status=200),
+        "broken": _broken_stream(clock),
     }
     app = stack(apps[kind], gov)
     if kind == "exception":
@@ -171,22 +186,9 @@ async def test_failed_requests_are_not_charged(
             await post(app)
     elif kind == "disconnect":
         await call(app, path=CHAT, headers=auth(KEY), json_body=chat_body(), disconnect=gone)
-    elif kind == "broken":
-        # A 2xx whose stream reports an error event is a failure too.
-        sse = sse_chat_app(clock)
-
-        async def broken(scope: Scope, receive: Receive, send: Send) -> None:
-            async def send_error_event(message: Any) -> None:
-                if message.get("body", b"").startswith(b"data: [DONE]"):
-                    message = {**message, "body": b'event: error\ndata: {"error": {}}\n\n'}
-                await send(message)
-
-            await sse(scope, receive, send_error_event)
-
-        await post(stack(broken, gov))
     else:
         result = await post(app)
-        assert result.status >= 400
+        assert kind == "broken" or result.status >= 400
     balance, spent = await state(gov)
     assert balance == 1000
     assert spent == KeySpend(0, 0, 0)
@@ -282,7 +284,7 @@ async def test_budget_windows_on_the_clock(
 # --- concurrency ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("limit", ["balance", "hourly_budget", "spending_limit"])
+@pytest.mark.parametrize("limit", ["balance", "hourly_budget", "daily_budget", "spending_limit"])
 async def test_concurrent_burst_never_overspends(
     backend: Backend, clock: ManualClock, limit: str
 ) -> None:
