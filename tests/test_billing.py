@@ -50,13 +50,14 @@ def _kid() -> str:
     return key_id(KEY)
 
 
-async def wait_until(predicate: Callable[[], bool]) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     """Yield to the loop until *predicate* holds (Redis round trips need real waits)."""
-    for _ in range(5_000):
-        if predicate():
-            return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition never held")
         await asyncio.sleep(0.001)
-    raise AssertionError("condition never held")
 
 
 # --- charges and metadata -------------------------------------------------------------

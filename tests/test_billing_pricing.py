@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from governor.billing import credits_for, estimate_usage, splice_hypereal
@@ -38,6 +40,28 @@ CATALOG = Catalog()
 def test_credits_per_class(model: str, usage: Usage, credits: int) -> None:
     """Each price class is billed at its catalog price, rounded up to whole credits."""
     assert credits_for(CATALOG[model], usage, 0.001) == credits
+
+
+@pytest.mark.parametrize("model", sorted(CATALOG))
+def test_every_catalog_price_class(model: str) -> None:
+    """1M tokens of each class cost the catalog price in credits (rounded up); "n/a"
+    classes cost the input price."""
+    spec = CATALOG[model]
+
+    def credits(price: float | None) -> int:
+        from decimal import Decimal
+
+        return math.ceil(Decimal(str(spec.input_price if price is None else price)) * 1000)
+
+    million = 1_000_000
+    assert credits_for(spec, Usage(input_tokens=million), 0.001) == credits(spec.input_price)
+    assert credits_for(spec, Usage(cache_read_tokens=million), 0.001) == credits(
+        spec.cache_read_price
+    )
+    assert credits_for(spec, Usage(cache_write_tokens=million), 0.001) == credits(
+        spec.cache_write_price
+    )
+    assert credits_for(spec, Usage(output_tokens=million), 0.001) == credits(spec.output_price)
 
 
 def test_credit_value_is_configurable() -> None:
