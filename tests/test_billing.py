@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from governor.backends import Backend
+from governor.backends import Backend, RedisBackend
 from governor.billing import BillingMiddleware, Limits, Reservation, ledger_for
 from governor.billing.base import KeySpend, Refusal, Settlement
 from governor.clock import ManualClock
@@ -427,14 +427,11 @@ async def test_metrics(backend: Backend, clock: ManualClock) -> None:
     assert get("governor_billing_credits_compensated_total", labels) == 3
 
 
-async def test_reaped_reservation_is_released(backend: Backend, clock: ManualClock) -> None:
+async def test_reaped_reservation_is_released(redis_backend: RedisBackend) -> None:
     """A hold whose request never settled (a dead worker) is released after its lease."""
-    from governor.backends import RedisBackend
     from governor.billing import RedisLedger
 
-    if not isinstance(backend, RedisBackend):
-        pytest.skip("leases only matter across processes")
-    ledger = RedisLedger(backend, lease_s=0)
+    ledger = RedisLedger(redis_backend, lease_s=0)
     limits = Limits(hourly_budget=100)
     first = await ledger.reserve("acme", "k1", 100, 60, limits)
     assert isinstance(first, Reservation)
