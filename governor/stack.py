@@ -11,8 +11,8 @@ Outermost first, and why:
    credits, a queue place or a slot.
 4. Rate guards: cheap, fleet-wide counters; refused requests never wait in the queue.
 5. Billing: reserves the worst-case cost only for requests the rate guards admitted;
-   it also settles latency insurance and writes the usage record, so it sits outside
-   admission to see the queue wait as part of the latency.
+   it also settles latency insurance (and notes credits for the usage record), so it
+   sits outside admission to see the queue wait as part of the latency.
 6. Admission: the queue and the slot come last, so a slot is held only by a request
    every other guard has already admitted, and only for the upstream call itself.
 
