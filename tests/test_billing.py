@@ -456,3 +456,32 @@ async def test_wrap_includes_billing_and_usage(backend: Backend, clock: ManualCl
     sink = sink_for(gov)
     assert isinstance(sink, MemorySink)
     assert len(sink.records) == 1
+
+
+async def test_ledger_invariants_under_random_use(backend: Backend, clock: ManualClock) -> None:
+    """Random reserves and settles (above and below the hold) keep every invariant."""
+    import random
+
+    gov = make_governor(backend, clock)
+    ledger = ledger_for(gov)
+    limits = Limits(spending_limit=900, hourly_budget=300, daily_budget=600)
+    rng = random.Random(7)
+    holds: list[Reservation] = []
+    charged = 0
+    for _ in range(200):
+        if holds and rng.random() < 0.5:
+            settled = await ledger.settle(
+                holds.pop(rng.randrange(len(holds))), rng.randint(0, 80), limits
+            )
+            charged += settled.charged
+            assert settled.balance_before - settled.charged == settled.balance_after
+        else:
+            result = await ledger.reserve("acme", "k", 1000, rng.randint(1, 50), limits)
+            if isinstance(result, Reservation):
+                holds.append(result)
+        spent = await ledger.spent("acme", "k")
+        assert spent.lifetime == charged + sum(r.amount for r in holds)
+        assert spent.lifetime <= 900
+        assert spent.hour <= 300
+        assert spent.day <= 600
+        assert await ledger.balance("acme", 1000) == 1000 - charged >= 0
