@@ -4,6 +4,7 @@ an LLM API gateway."""
 from __future__ import annotations
 
 from governor.backends import Backend, MemoryBackend, RedisBackend
+from governor.billing import BillingMiddleware
 from governor.catalog import Catalog, ModelSpec
 from governor.clock import Clock, ManualClock, SystemClock
 from governor.config import Config, KeyPolicy, load_config
@@ -18,12 +19,14 @@ from governor.keys import KeyResolver, key_id
 from governor.metrics import Metrics, MetricsApp
 from governor.runtime import Governor
 from governor.stack import ContextMiddleware, wrap
+from governor.usage_log import UsageLogMiddleware, usage_routes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
     "BackendError",
+    "BillingMiddleware",
     "Catalog",
     "Clock",
     "Config",
@@ -43,8 +46,10 @@ __all__ = [
     "RequestError",
     "Surface",
     "SystemClock",
+    "UsageLogMiddleware",
     "get_context",
     "key_id",
     "load_config",
+    "usage_routes",
     "wrap",
 ]

@@ -107,6 +107,14 @@ class BillingConfig:
     credit_usd: float = 0.001
     # Balance an account starts with when the config does not name one (demo accounts).
     default_balance: int = 100_000
+    # Output tokens reserved for a text request that sets no cap (worst-case estimate).
+    default_output_reserve: int = 4_096
+    # Output tokens reserved (and billed, if the upstream reports no usage) per image.
+    image_output_tokens: int = 4_160
+    # A reservation whose request never settles (a worker died) is released after this.
+    reservation_ttl_s: float = 3_600.0
+    # Backend down: "closed" refuses with 503/529; "open" serves the request unbilled.
+    fail_mode: FailMode = "closed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +130,13 @@ class InsuranceConfig:
 class UsageConfig:
     """Where usage records go."""
 
+    enabled: bool = True
     sink: Literal["memory", "jsonl", "redis"] = "memory"
     path: str = "usage.jsonl"
     ring_size: int = 10_000
     stream_maxlen: int = 100_000
+    # Per-key Redis stream length (what ``GET /v1/managed/usage`` reads).
+    key_stream_maxlen: int = 1_000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,15 +3,16 @@
 Outermost first, and why:
 
 1. :class:`ContextMiddleware` parses the request once (bad input is answered here,
-   before anything is consumed) and stamps the request id.
+   before anything is consumed) and stamps the request id. Usage logs sit just inside
+   it, so that a refusal by any later layer is recorded too.
 2. Fingerprint: a suspended key or a ``-max`` model from the wrong client is refused
    before it can touch any budget, queue or breaker.
 3. Breaker: an open circuit refuses at once, before the request takes rate budget,
    credits, a queue place or a slot.
 4. Rate guards: cheap, fleet-wide counters; refused requests never wait in the queue.
 5. Billing: reserves the worst-case cost only for requests the rate guards admitted;
-   it also settles latency insurance and writes the usage record, so it sits outside
-   admission to see the queue wait as part of the latency.
+   it also settles latency insurance (and notes credits for the usage record), so it
+   sits outside admission to see the queue wait as part of the latency.
 6. Admission: the queue and the slot come last, so a slot is held only by a request
    every other guard has already admitted, and only for the upstream call itself.
 
@@ -22,8 +23,10 @@ breaker counts it as neither success nor failure.
 
 from __future__ import annotations
 
+from governor.billing import BillingMiddleware
 from governor.runtime import Governor
 from governor.types import ASGIApp, Receive, Scope, Send
+from governor.usage_log import UsageLogMiddleware
 
 
 class ContextMiddleware:
@@ -52,4 +55,11 @@ class ContextMiddleware:
 def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
     """Wrap *app* in every enabled governor middleware, configured from *governor*."""
     gov = governor if governor is not None else Governor()
+    cfg = gov.config
+    # Innermost first.
+    if cfg.billing.enabled:
+        app = BillingMiddleware(app, governor=gov)
+    # Usage logs sit right inside the context, outside every layer that can refuse.
+    if cfg.usage.enabled:
+        app = UsageLogMiddleware(app, governor=gov)
     return ContextMiddleware(app, governor=gov)

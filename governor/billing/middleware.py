@@ -1,0 +1,426 @@
+"""BillingMiddleware: reserve at admission, settle when the response ends, insure latency.
+
+Per governed model request (``count_tokens`` and ``models`` are free):
+
+1. Reserve the worst-case cost (:func:`~governor.billing.pricing.estimate_usage`)
+   against the account's balance and the key's spending limit and hourly and daily
+   budgets, atomically; refuse with 429 ``insufficient_quota`` and
+   ``x-should-retry: false`` when any of them cannot cover it.
+2. Non-streaming 2xx JSON: the body is held until complete, settled to the reported
+   usage, and ``hypereal.billing`` / ``hypereal.insurance`` are spliced into it (the
+   upstream's bytes are kept as they are), with the insurance headers and a corrected
+   Content-Length.
+3. Anything else (streams): insurance policy headers at once (``pending``), settlement
+   when the response ends, in a ``finally`` shielded from cancellation.
+4. Failed requests (non-2xx, a refusal by an inner layer, an exception, a client that
+   left before the end, a stream that broke) release the hold: nothing is charged.
+
+Results go to ``ctx.notes`` for the usage log (``credits_charged``,
+``credits_compensated``, ``insurance_status``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from governor import headers as h
+from governor import usage as usage_mod
+from governor.backends import RedisBackend
+from governor.billing import insurance as ins
+from governor.billing.base import (
+    BALANCE,
+    DAILY_BUDGET,
+    HOURLY_BUDGET,
+    SPENDING_LIMIT,
+    Ledger,
+    Limits,
+    Refusal,
+    Reservation,
+    Settlement,
+)
+from governor.billing.memory import MemoryLedger
+from governor.billing.pricing import credits_for, estimate_usage
+from governor.billing.redis import RedisLedger
+from governor.context import RequestContext, Surface
+from governor.errors import BackendError, Overloaded, RateLimited, Shape
+from governor.response import MAX_BUFFERED_BODY, Outcome
+from governor.runtime import Governor
+from governor.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
+from governor.usage import Usage
+
+_T = TypeVar("_T")
+_UNBILLED = frozenset({Surface.COUNT_TOKENS, Surface.MODELS})
+_LEDGERS: weakref.WeakKeyDictionary[Governor, Ledger] = weakref.WeakKeyDictionary()
+# Strong references to settlements running on after their request was cancelled.
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def ledger_for(governor: Governor) -> Ledger:
+    """The one ledger of *governor* (built on first use from its backend)."""
+    ledger = _LEDGERS.get(governor)
+    if ledger is None:
+        backend = governor.backend
+        if isinstance(backend, RedisBackend):
+            ledger = RedisLedger(backend, lease_s=governor.config.billing.reservation_ttl_s)
+        else:
+            ledger = MemoryLedger(governor.clock)
+        _LEDGERS[governor] = ledger
+    return ledger
+
+
+def opening_balance(governor: Governor, account: str) -> int:
+    """The balance *account* starts with: its config entry's, else the default."""
+    entry = governor.config.accounts.get(account)
+    if entry is not None and entry.balance is not None:
+        return entry.balance
+    return governor.config.billing.default_balance
+
+
+def spawn(coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    """*coro* as a task kept alive until it ends, even if its request is gone."""
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
+
+
+async def shielded(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run *coro* to the end even if the caller is cancelled while awaiting it."""
+    return await asyncio.shield(spawn(coro))
+
+
+class QuotaExceeded(RateLimited):
+    """429 ``insufficient_quota``: a balance or budget cannot cover the request."""
+
+    openai_type = "insufficient_quota"
+
+
+_CODES = {
+    BALANCE: ("credit_balance_exhausted", "The account's credit balance"),
+    SPENDING_LIMIT: ("spending_limit_exceeded", "This API key's spending limit"),
+    HOURLY_BUDGET: ("hourly_budget_exceeded", "This API key's hourly budget"),
+    DAILY_BUDGET: ("daily_budget_exceeded", "This API key's daily budget"),
+}
+
+
+def quota_error(refusal: Refusal, amount: int, shape: Shape, now: float) -> QuotaExceeded:
+    """The 429 for *refusal*: never retried by the SDKs; Retry-After only when a window
+    resets (an exhausted balance or lifetime limit does not reset by itself)."""
+    code, what = _CODES.get(refusal.reason, ("budget_exceeded", "A budget"))
+    message = (
+        f"{what} cannot cover this request: its worst-case cost is {amount} credits and "
+        f"{max(refusal.remaining, 0)} remain."
+    )
+    extra: RawHeaders = []
+    if refusal.retry_after is not None and shape is Shape.ANTHROPIC:
+        # Claude Code stops retrying only when it sees these along with Retry-After.
+        extra = [
+            (b"anthropic-ratelimit-unified-status", b"rejected"),
+            (b"anthropic-ratelimit-unified-reset", str(int(now + refusal.retry_after)).encode()),
+        ]
+    return QuotaExceeded(
+        message,
+        code=code,
+        retry_after=refusal.retry_after,
+        should_retry=False,
+        headers=extra,
+        reason=refusal.reason,
+    )
+
+
+class BillingMiddleware:
+    """Credit billing, per-key budgets and latency insurance for governed model requests.
+
+    *ledger* replaces the governor's own (by default memory or Redis after its backend).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, governor: Governor | None = None, ledger: Ledger | None = None
+    ) -> None:
+        self.app = app
+        self.governor = governor if governor is not None else Governor()
+        gov = self.governor
+        self.billing = gov.config.billing
+        self.insurance = gov.config.insurance
+        self.ledger = ledger if ledger is not None else ledger_for(gov)
+        m = gov.metrics
+        self.m_charged = m.counter(
+            "billing_credits_charged", "Credits charged for settled requests.", ("model",)
+        )
+        self.m_compensated = m.counter(
+            "billing_credits_compensated", "Credits given back by latency insurance.", ("model",)
+        )
+        self.m_payouts = m.counter(
+            "insurance_payouts", "Requests paid by latency insurance.", ("model",)
+        )
+        self.m_refusals = m.counter(
+            "billing_refusals", "Requests refused by a balance or budget.", ("reason",)
+        )
+        self.m_errors = m.counter(
+            "billing_backend_errors", "Ledger operations that failed.", ("operation",)
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        entered = await self.governor.enter(scope, receive, send)
+        if entered is None:
+            return
+        ctx, receive, send = entered
+        if ctx is None or ctx.model is None or ctx.surface in _UNBILLED:
+            await self.app(scope, receive, send)
+            return
+        await _Billed(self, ctx, send).run(scope, receive)
+
+
+class _Billed:
+    """One billed request: its reservation, its held JSON body, its settlement."""
+
+    def __init__(self, mw: BillingMiddleware, ctx: RequestContext, send: Send) -> None:
+        self.mw = mw
+        self.ctx = ctx
+        self.downstream = send
+        assert ctx.model is not None
+        self.model = ctx.model
+        self.limits = Limits.of(ctx.policy)
+        self.estimate = 0
+        self.reservation: Reservation | None = None
+        self.held_start: Message | None = None
+        self.buffer = bytearray()
+        self.task: asyncio.Task[None] | None = None
+        self.payload: Any = None
+
+    # --- admission ----------------------------------------------------------------
+
+    async def run(self, scope: Scope, receive: Receive) -> None:
+        mw, ctx = self.mw, self.ctx
+        cfg = mw.billing
+        worst = estimate_usage(
+            ctx,
+            default_output_reserve=cfg.default_output_reserve,
+            image_output_tokens=cfg.image_output_tokens,
+        )
+        self.estimate = max(1, credits_for(self.model, worst, cfg.credit_usd))
+        ctx.notes["credits_reserved"] = self.estimate
+        try:
+            result = await mw.ledger.reserve(
+                ctx.account,
+                ctx.key_id,
+                opening_balance(mw.governor, ctx.account),
+                self.estimate,
+                self.limits,
+            )
+        except BackendError:
+            mw.m_errors.labels("reserve").inc()
+            if cfg.fail_mode == "closed":
+                # Money is at stake: without the ledger nothing is admitted.
+                await mw.governor.refuse(
+                    ctx,
+                    self.downstream,
+                    Overloaded(
+                        "Billing is temporarily unavailable; try again shortly.",
+                        retry_after=5,
+                        reason="billing_unavailable",
+                    ),
+                )
+                return
+            # Fail open: serve the request unbilled (each worker, no shared state).
+            ctx.notes["billing"] = "unbilled"
+            await mw.app(scope, receive, self.downstream)
+            return
+        if isinstance(result, Refusal):
+            mw.m_refusals.labels(result.reason).inc()
+            ctx.notes["billing_refusal"] = result.reason
+            error = quota_error(result, self.estimate, ctx.shape, mw.governor.clock.time())
+            await mw.governor.refuse(ctx, self.downstream, error)
+            return
+        self.reservation = result
+        exc: BaseException | None = None
+        try:
+            await mw.app(scope, receive, self.send)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            if self.task is None:
+                self.task = spawn(self._finish_after(exc))
+                ctx.notes["billing_task"] = self.task
+            await asyncio.shield(self.task)
+
+    # --- the response ---------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            status = int(message["status"])
+            headers = message.get("headers", ())
+            ctype = h.get(headers, b"content-type") or b""
+            if (
+                self.ctx.refusal is None
+                and 200 <= status < 300
+                and b"json" in ctype
+                and h.get(headers, b"content-encoding") is None
+            ):
+                self.held_start = message
+                return
+            if self.mw.insurance.enabled and self.ctx.refusal is None:
+                if 200 <= status < 300:
+                    h.append(message, ins.pending_headers(self.mw.insurance.threshold_ms))
+                else:
+                    h.append(message, [h.header(h.INSURANCE_STATUS, ins.NOT_ELIGIBLE)])
+            await self.downstream(message)
+            return
+        if kind != "http.response.body" or self.held_start is None:
+            await self.downstream(message)
+            return
+        self.buffer += message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if len(self.buffer) > MAX_BUFFERED_BODY:
+            # Too large to rewrite: pass it on as it came; settled at the end.
+            start, self.held_start = self.held_start, None
+            await self.downstream(start)
+            await self.downstream(
+                {"type": "http.response.body", "body": bytes(self.buffer), "more_body": more}
+            )
+            self.buffer = bytearray()
+            return
+        if more:
+            return
+        self.task = spawn(self._finish_json())
+        self.ctx.notes["billing_task"] = self.task
+        await asyncio.shield(self.task)
+        start, body = self._rewritten()
+        await self.downstream(start)
+        await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _rewritten(self) -> tuple[Message, bytes]:
+        start = self.held_start
+        assert start is not None
+        body = bytes(self.buffer)
+        extra: dict[str, Any] = {}
+        billing = self.ctx.notes.get("hypereal_billing")
+        if billing is not None:
+            extra["billing"] = billing
+        insurance: ins.Insurance | None = self.ctx.notes.get("insurance")
+        if insurance is not None:
+            extra["insurance"] = insurance.as_json()
+            h.append(start, insurance.headers())
+        if extra:
+            body = splice_hypereal(body, extra, self.payload)
+            h.replace(start, [(b"content-length", str(len(body)).encode())])
+        return start, body
+
+    # --- settlement -----------------------------------------------------------------
+
+    async def _finish_json(self) -> None:
+        try:
+            payload = json.loads(self.buffer)
+        except ValueError:
+            payload = None
+        self.payload = payload
+        await self._settle(True, usage_mod.from_body(payload), self.mw.governor.clock.monotonic())
+
+    async def _finish_after(self, exc: BaseException | None) -> None:
+        ctx = self.ctx
+        outcome = ctx.response.outcome(
+            refused=ctx.refusal is not None, disconnected=ctx.disconnected, exc=exc
+        )
+        ended = ctx.response.finished_at
+        await self._settle(
+            outcome is Outcome.SUCCESS,
+            ctx.response.usage,
+            ended if ended is not None else self.mw.governor.clock.monotonic(),
+        )
+
+    async def _settle(self, success: bool, usage: Usage | None, ended: float) -> None:
+        mw, ctx = self.mw, self.ctx
+        reservation = self.reservation
+        assert reservation is not None
+        actual = 0
+        if success:
+            # No usage reported: the reservation's worst case (documented).
+            actual = (
+                self.estimate
+                if usage is None
+                else credits_for(self.model, usage, mw.billing.credit_usd)
+            )
+        try:
+            settlement: Settlement = await mw.ledger.settle(reservation, actual, self.limits)
+        except BackendError:
+            # The hold is released when its lease ends; this request goes unbilled.
+            mw.m_errors.labels("settle").inc()
+            ctx.notes["billing"] = "unsettled"
+            return
+        charged = settlement.charged
+        ctx.notes["credits_charged"] = charged
+        if charged:
+            mw.m_charged.labels(self.model.id).inc(charged)
+        if success:
+            ctx.notes["hypereal_billing"] = {
+                "model": self.model.id,
+                "credits_charged": charged,
+                "balance_before": settlement.balance_before,
+                "balance_after": settlement.balance_after,
+            }
+        if not mw.insurance.enabled:
+            return
+        latency_ms = round((ended - ctx.arrived) * 1000)
+        result = ins.evaluate(
+            success=success,
+            charged=charged,
+            latency_ms=latency_ms,
+            threshold_ms=mw.insurance.threshold_ms,
+            ratio=mw.insurance.compensation_ratio,
+        )
+        if result.credits_compensated:
+            try:
+                ctx.notes["balance_after_compensation"] = await mw.ledger.compensate(
+                    ctx.account, result.credits_compensated
+                )
+            except BackendError:
+                mw.m_errors.labels("compensate").inc()
+                result = ins.Insurance(
+                    ins.NOT_TRIGGERED,
+                    "latency",
+                    "compensation_failed",
+                    latency_ms,
+                    result.threshold_ms,
+                    charged,
+                    0,
+                )
+            else:
+                mw.m_compensated.labels(self.model.id).inc(result.credits_compensated)
+                mw.m_payouts.labels(self.model.id).inc()
+        ctx.notes["insurance"] = result
+        ctx.notes["insurance_status"] = result.status
+        ctx.notes["credits_compensated"] = result.credits_compensated
+
+
+def splice_hypereal(body: bytes, extra: dict[str, Any], payload: Any = ...) -> bytes:
+    """*body* (a JSON object) with ``hypereal`` holding *extra*, upstream bytes untouched.
+
+    The object is appended before the closing brace; if the body already has a
+    ``hypereal`` object it is merged and the body re-encoded. A body that is not a JSON
+    object is returned as it is. *payload* is the body already decoded, if it was.
+    """
+    stripped = body.rstrip()
+    if payload is ...:
+        try:
+            payload = json.loads(stripped)
+        except ValueError:
+            return body
+    if not isinstance(payload, dict):
+        return body
+    if "hypereal" in payload:
+        existing = payload["hypereal"]
+        payload["hypereal"] = {**(existing if isinstance(existing, dict) else {}), **extra}
+        return json.dumps(payload).encode()
+    addition = json.dumps({"hypereal": extra}, separators=(",", ":")).encode()[1:-1]
+    head = stripped[:-1].rstrip()
+    sep = b"" if head.endswith(b"{") else b","
+    return head + sep + addition + b"}"

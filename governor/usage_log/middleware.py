@@ -1,0 +1,79 @@
+"""UsageLogMiddleware: one usage record per governed model request, refusals included.
+
+Mount it just inside the request context (outside every layer that can refuse), so
+that a refusal by any layer is recorded too. It reads what the other layers noted on
+the request context (billing's credits and insurance, admission's queue wait) after
+the response has ended; billing's settlement is awaited first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from governor.billing.middleware import shielded
+from governor.context import RequestContext, Surface
+from governor.runtime import Governor
+from governor.types import ASGIApp, Receive, Scope, Send
+from governor.usage_log.records import build_record
+from governor.usage_log.sinks import UsageSink, sink_for
+
+log = logging.getLogger("governor.usage")
+
+
+class UsageLogMiddleware:
+    """Writes a :class:`~governor.usage_log.records.UsageRecord` to a sink per request.
+
+    *sink* replaces the governor's own (by default from the ``[usage]`` config).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, governor: Governor | None = None, sink: UsageSink | None = None
+    ) -> None:
+        self.app = app
+        self.governor = governor if governor is not None else Governor()
+        self.sink = sink if sink is not None else sink_for(self.governor)
+        m = self.governor.metrics
+        self.m_records = m.counter(
+            "usage_records", "Usage records written, by outcome.", ("outcome",)
+        )
+        self.m_dropped = m.counter("usage_records_dropped", "Usage records the sink refused.")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        entered = await self.governor.enter(scope, receive, send)
+        if entered is None:
+            return
+        ctx, receive, send = entered
+        if ctx is None or ctx.model is None or ctx.surface is Surface.COUNT_TOKENS:
+            await self.app(scope, receive, send)
+            return
+        exc: BaseException | None = None
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            await shielded(self._record(ctx, exc))
+
+    async def _record(self, ctx: RequestContext, exc: BaseException | None) -> None:
+        billing = ctx.notes.get("billing_task")
+        if isinstance(billing, asyncio.Future):
+            try:
+                await billing
+            except Exception:  # billing's own failure is billing's to report
+                log.exception("billing settlement failed for %s", ctx.request_id)
+        outcome = ctx.response.outcome(
+            refused=ctx.refusal is not None, disconnected=ctx.disconnected, exc=exc
+        )
+        record = build_record(ctx, outcome, self.governor.clock.monotonic())
+        try:
+            await self.sink.write(record)
+        except Exception:
+            self.m_dropped.inc()
+            log.warning("usage record of %s dropped", ctx.request_id, exc_info=True)
+            return
+        self.m_records.labels(outcome.value).inc()
