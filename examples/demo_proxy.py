@@ -48,7 +48,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 
 from examples.forwarder import TARGETS, Forwarder, UpstreamSettings, forwarding_routes
-from governor import Governor, MetricsApp, get_context, load_config, wrap
+from governor import Governor, MetricsApp, get_context, load_config, usage_routes, wrap
 from governor.catalog import ModelSpec
 from governor.config import Config
 from governor.context import Surface, shape_for
@@ -164,7 +164,7 @@ class Settings:
 
 def extra_routes(governor: Governor) -> list[BaseRoute]:
     """Admin and extra routes (breaker overrides, suspensions, per-key usage) join here."""
-    return []
+    return [*usage_routes(governor)]
 
 
 def model_object(model: ModelSpec) -> dict[str, object]:

@@ -8,6 +8,9 @@ alone. :meth:`Governor.enter` is the single entry every middleware calls first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter
 
 from governor import context as c
@@ -21,6 +24,7 @@ from governor.keys import ConfigKeyResolver, KeyResolver
 from governor.metrics import Metrics
 from governor.types import Message, Receive, Scope, Send
 
+_T = TypeVar("_T")
 _GOVERNOR_ACTIVE = h.header(h.GOVERNOR, "active")
 _REQUEST_ID = h.wire(h.REQUEST_ID)
 
@@ -49,6 +53,7 @@ class Governor:
             key_resolver if key_resolver is not None else ConfigKeyResolver.from_config(self.config)
         )
         self.metrics = Metrics(registry)
+        self._shared: dict[str, Any] = {}
         self._requests = self.metrics.counter(
             "requests", "Governed requests by surface and HTTP status.", ("surface", "status")
         )
@@ -66,7 +71,30 @@ class Governor:
             )
         return child
 
+    def shared(self, name: str, factory: Callable[[], _T]) -> _T:
+        """The one object *name* of this governor, built by *factory* on first use.
+
+        Capabilities keep their per-governor state here (a ledger, a usage sink, a slot
+        pool), so that several middlewares and routes of one governor share it, and
+        :meth:`aclose` closes whatever has an ``aclose()``.
+        """
+        try:
+            return self._shared[name]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._shared[name] = factory()
+            return value
+
+    def set_shared(self, name: str, value: object) -> None:
+        """Use *value* as the shared object *name* (a custom ledger, sink, ...)."""
+        self._shared[name] = value
+
     async def aclose(self) -> None:
+        """Close every shared object (in reverse order of creation), then the backend."""
+        for value in reversed(list(self._shared.values())):
+            close = getattr(value, "aclose", None)
+            if close is not None:
+                await close()
+        self._shared.clear()
         await self.backend.aclose()
 
     async def __aenter__(self) -> Governor:

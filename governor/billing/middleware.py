@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -54,22 +53,20 @@ from governor.usage import Usage
 
 _T = TypeVar("_T")
 _UNBILLED = frozenset({Surface.COUNT_TOKENS, Surface.MODELS})
-_LEDGERS: weakref.WeakKeyDictionary[Governor, Ledger] = weakref.WeakKeyDictionary()
 # Strong references to settlements running on after their request was cancelled.
 _BACKGROUND: set[asyncio.Task[Any]] = set()
 
 
 def ledger_for(governor: Governor) -> Ledger:
     """The one ledger of *governor* (built on first use from its backend)."""
-    ledger = _LEDGERS.get(governor)
-    if ledger is None:
+
+    def build() -> Ledger:
         backend = governor.backend
         if isinstance(backend, RedisBackend):
-            ledger = RedisLedger(backend, lease_s=governor.config.billing.reservation_ttl_s)
-        else:
-            ledger = MemoryLedger(governor.clock)
-        _LEDGERS[governor] = ledger
-    return ledger
+            return RedisLedger(backend, lease_s=governor.config.billing.reservation_ttl_s)
+        return MemoryLedger(governor.clock)
+
+    return governor.shared("billing.ledger", build)
 
 
 def opening_balance(governor: Governor, account: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import weakref
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -142,9 +141,6 @@ class RedisStreamSink:
         pass
 
 
-_SINKS: weakref.WeakKeyDictionary[Governor, UsageSink] = weakref.WeakKeyDictionary()
-
-
 def sink_from_config(governor: Governor) -> UsageSink:
     """A new sink as ``[usage]`` says."""
     cfg = governor.config.usage
@@ -160,12 +156,9 @@ def sink_from_config(governor: Governor) -> UsageSink:
 
 def sink_for(governor: Governor) -> UsageSink:
     """The one usage sink of *governor* (the middleware writes it, the route reads it)."""
-    sink = _SINKS.get(governor)
-    if sink is None:
-        sink = _SINKS[governor] = sink_from_config(governor)
-    return sink
+    return governor.shared("usage.sink", lambda: sink_from_config(governor))
 
 
 def set_sink(governor: Governor, sink: UsageSink) -> None:
     """Use *sink* for *governor*'s usage records (a custom destination)."""
-    _SINKS[governor] = sink
+    governor.set_shared("usage.sink", sink)
