@@ -16,6 +16,7 @@ from governor.errors import (
 )
 from governor.keys import KeyResolver, key_id
 from governor.metrics import Metrics, MetricsApp
+from governor.ratelimit import RateGuardMiddleware
 from governor.runtime import Governor
 from governor.stack import ContextMiddleware, wrap
 
@@ -38,6 +39,7 @@ __all__ = [
     "Metrics",
     "MetricsApp",
     "ModelSpec",
+    "RateGuardMiddleware",
     "RedisBackend",
     "RequestContext",
     "RequestError",

@@ -22,6 +22,7 @@ breaker counts it as neither success nor failure.
 
 from __future__ import annotations
 
+from governor.ratelimit import RateGuardMiddleware
 from governor.runtime import Governor
 from governor.types import ASGIApp, Receive, Scope, Send
 
@@ -52,4 +53,9 @@ class ContextMiddleware:
 def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
     """Wrap *app* in every enabled governor middleware, configured from *governor*."""
     gov = governor if governor is not None else Governor()
+    config = gov.config
+    # Innermost first. Billing and Admission go inside the rate guards, Fingerprint and
+    # Breaker outside them.
+    if config.ratelimit.enabled:
+        app = RateGuardMiddleware(app, governor=gov)
     return ContextMiddleware(app, governor=gov)

@@ -1,0 +1,89 @@
+"""Rate counters in this process, on limits' memory storage and strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from limits import RateLimitItem, RateLimitItemPerSecond, WindowStats
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from governor.ratelimit import layout
+from governor.ratelimit.guards import Adjustment, Decision, Hit, Limit, Window
+
+
+class MemoryRateStore:
+    """limits' sliding window counter in memory, all-or-none by hitting in order and
+    refunding what was taken when a later limit refuses.
+
+    *share* divides every limit: the Redis store's fail-open fallback counts a fair
+    share of the fleet limit per worker (``limit // share``, at least 1), never the
+    whole limit.
+    """
+
+    def __init__(self, *, share: int = 1) -> None:
+        self.storage = MemoryStorage()
+        self.strategy = SlidingWindowCounterRateLimiter(self.storage)
+        self.share = share
+        self._scaled: dict[RateLimitItem, RateLimitItem] = {}
+
+    def _item(self, limit: Limit) -> RateLimitItem:
+        if self.share == 1:
+            return limit.item
+        item = self._scaled.get(limit.item)
+        if item is None:
+            item = RateLimitItemPerSecond(
+                max(1, limit.amount // self.share), limit.window, namespace=limit.item.namespace
+            )
+            self._scaled[limit.item] = item
+        return item
+
+    def amount(self, limit: Limit) -> int:
+        """The amount this store enforces for *limit* (its share of the fleet limit)."""
+        return self._item(limit).amount
+
+    async def acquire(self, hits: Sequence[Hit]) -> Decision:
+        taken: list[tuple[Hit, str]] = []
+        refused = False
+        for hit in hits:
+            item = self._item(hit.limit)
+            if not await self.strategy.hit(item, *hit.limit.ids, cost=hit.cost):
+                refused = True
+                break
+            key = item.key_for(*hit.limit.ids)
+            taken.append((hit, layout.memory_window_keys(key, item.get_expiry())[1]))
+        if refused:
+            for hit, wid in taken:
+                item = self._item(hit.limit)
+                key = item.key_for(*hit.limit.ids)
+                await layout.memory_adjust(self.storage, key, item.get_expiry(), wid, -hit.cost)
+        windows: list[Window] = []
+        failing: list[int] = []
+        for i, hit in enumerate(hits):
+            item = self._item(hit.limit)
+            window = await layout.memory_window(
+                self.storage, item.key_for(*hit.limit.ids), item.get_expiry()
+            )
+            if refused and not window.fits(item.amount, item.get_expiry(), hit.cost):
+                failing.append(i)
+            if not refused:
+                window.window_id = taken[i][1]
+            windows.append(window)
+        if refused and not failing:  # freed up meanwhile; still refused, blame the first
+            failing.append(len(taken))
+        amounts = [self._item(hit.limit).amount for hit in hits]
+        return Decision(not refused, windows, amounts, failing)
+
+    async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        for adj in adjustments:
+            item = self._item(adj.limit)
+            key = item.key_for(*adj.limit.ids)
+            await layout.memory_adjust(
+                self.storage, key, item.get_expiry(), str(adj.window_id), adj.delta
+            )
+
+    async def stats(self, limit: Limit) -> WindowStats:
+        return await self.strategy.get_window_stats(self._item(limit), *limit.ids)
+
+    def __repr__(self) -> str:
+        return f"MemoryRateStore(share={self.share})"
