@@ -24,7 +24,10 @@ async def hammer(url: str, prefix: str, model: ModelEntry, n: int, barrier: Any)
     )
     async with Governor(config) as gov:
         app = RateGuardMiddleware(EchoApp(payload={"ok": True}), governor=gov, window_s=10_000_000)
-        await gov.backend.ping()  # type: ignore[attr-defined]
+        # Open the pool's connections first, so that every process starts hammering at
+        # once when the barrier lets them go.
+        redis = gov.backend.redis
+        await asyncio.gather(*(redis.ping() for _ in range(min(n, 60))))
         await asyncio.to_thread(barrier.wait)
         results = await asyncio.gather(
             *(call(app, json_body=BODY, headers=auth("ck_shared")) for _ in range(n))

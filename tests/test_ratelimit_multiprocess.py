@@ -13,8 +13,8 @@ from tests.conftest import REDIS_URL, drop_prefix, real_redis_or_skip
 from tests.ratelimit_worker import BODY, run
 
 PROCESSES = 3
-PER_PROCESS = 40
-LIMIT = 50
+PER_PROCESS = 200
+LIMIT = 300
 COST = estimate_input_tokens(BODY) + 100
 
 CASES = [
@@ -26,7 +26,7 @@ CASES = [
 @pytest.mark.redis
 @pytest.mark.parametrize("model", CASES)
 async def test_processes_share_one_limit_exactly(model: ModelEntry) -> None:
-    """3 processes x 40 concurrent requests against one limit of 50: exactly 50 admitted."""
+    """3 processes x 200 concurrent requests on one limit of 300: exactly 300 admitted."""
     client = await real_redis_or_skip()
     prefix = conftest.test_prefix()
     ctx = multiprocessing.get_context("spawn")
