@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -10,6 +10,7 @@ from governor.backends import RedisBackend
 from governor.backends.redis import make_client
 from governor.config import Config, ModelEntry, RateLimitConfig, RedisConfig
 from governor.context import get_context
+from governor.ratelimit import Decision, Hit
 from governor.types import Receive, Scope, Send
 from tests.apps import EchoApp
 from tests.ratelimit_support import MESSAGES, chat, make, message, post
@@ -64,10 +65,10 @@ async def test_fail_open_retries_redis_after_a_pause(dead_backend: RedisBackend)
     calls = 0
     acquire = mw.store.acquire
 
-    async def counting(hits: object) -> object:
+    async def counting(hits: Sequence[Hit]) -> Decision:
         nonlocal calls
         calls += 1
-        return await acquire(hits)  # type: ignore[arg-type]
+        return await acquire(hits)
 
     mw.store.acquire = counting  # type: ignore[method-assign]
     await post(mw, chat())

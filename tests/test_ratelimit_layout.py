@@ -30,6 +30,12 @@ def limit(amount: int, *ids: str, guard: Guard = Guard.MODEL_RPM) -> Limit:
     return Limit(guard, RateLimitItemPerSecond(amount, WINDOW, namespace=f"{NAMESPACE}/t"), ids)
 
 
+async def counter(backend: RedisBackend, key: str) -> int:
+    value = await backend.redis.get(key)
+    assert value is not None
+    return int(value)
+
+
 def test_limits_major_version_is_pinned() -> None:
     """The layout below is limits 5.x's; pyproject pins limits>=5.8,<6."""
     assert limits.__version__.split(".")[0] == "5"
@@ -110,7 +116,7 @@ async def test_redis_counters_are_limits_counters(redis_backend: RedisBackend) -
     previous, current = layout.redis_window_keys(store.storage, lim.key)
     assert current == f"{redis_backend.key('rl')}:{{{lim.key}}}"
     assert previous == current + "/-1"
-    assert int(await redis_backend.redis.get(current)) == 5
+    assert await counter(redis_backend, current) == 5
 
 
 async def test_redis_all_or_none(redis_backend: RedisBackend) -> None:
@@ -152,10 +158,10 @@ async def test_redis_adjust_follows_the_window_after_a_shift(redis_backend: Redi
     wid = (await redis_backend.redis.pttl(current)) + int(time.time() * 1000)
     after = await store.acquire([Hit(lim, 1)])
     assert after.granted
-    assert int(await redis_backend.redis.get(previous)) == 40
+    assert await counter(redis_backend, previous) == 40
     await store.adjust([Adjustment(lim, wid, -30)])
-    assert int(await redis_backend.redis.get(previous)) == 10
-    assert int(await redis_backend.redis.get(current)) == 1
+    assert await counter(redis_backend, previous) == 10
+    assert await counter(redis_backend, current) == 1
 
 
 async def test_redis_adjust_ignores_unknown_windows(redis_backend: RedisBackend) -> None:
