@@ -72,6 +72,11 @@ class Limit:
     guard: Guard
     item: RateLimitItem
     ids: tuple[str, ...]
+    # limits' key for this item and identifiers (before any storage prefix).
+    key: str = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.item.key_for(*self.ids))
 
     @property
     def amount(self) -> int:
@@ -80,11 +85,6 @@ class Limit:
     @property
     def window(self) -> int:
         return self.item.get_expiry()
-
-    @property
-    def key(self) -> str:
-        """limits' key for this item and identifiers (before any storage prefix)."""
-        return self.item.key_for(*self.ids)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -166,11 +166,24 @@ class Adjustment:
 
 
 class Items:
-    """limits items by (amount, window), built once each."""
+    """limits items by (amount, unit) and limits by guard and identifiers, built once each
+    (a limits key is a string join per call: worth keeping between requests)."""
+
+    MAX_LIMITS = 100_000
 
     def __init__(self, window: int) -> None:
         self.window = window
         self._items: dict[tuple[int, str], RateLimitItem] = {}
+        self._limits: dict[tuple[Guard, int, tuple[str, ...]], Limit] = {}
+
+    def limit(self, guard: Guard, amount: int, ids: tuple[str, ...]) -> Limit:
+        found = self._limits.get((guard, amount, ids))
+        if found is None:
+            found = Limit(guard, self.get(amount, guard.value[-3:]), ids)
+            if len(self._limits) >= self.MAX_LIMITS:  # keys and accounts come and go
+                self._limits.clear()
+            self._limits[(guard, amount, ids)] = found
+        return found
 
     def get(self, amount: int, unit: str) -> RateLimitItem:
         item = self._items.get((amount, unit))
@@ -206,8 +219,7 @@ def plan(ctx: RequestContext, config: Config, items: Items) -> Plan:
 
     def add(guard: Guard, amount: int | None, ids: tuple[str, ...], cost: int) -> None:
         if amount is not None:
-            item = items.get(amount, guard.value[-3:])
-            hits.append(Hit(Limit(guard, item, ids), cost))
+            hits.append(Hit(items.limit(guard, amount, ids), cost))
 
     on_model = ("model", model.id)
     on_key = ("key", ctx.key_id)

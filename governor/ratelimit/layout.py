@@ -14,7 +14,8 @@ is ``<prefix>:{<key>}`` and the previous ``<prefix>:{<key>}/-1``; windows start 
 first hit, the current counter is created with a TTL of two windows and, once its TTL
 falls below one window, renamed to the previous key (keeping its TTL) and replaced.
 A Redis window is therefore identified by its absolute expiry time, which the rename
-keeps.
+keeps. Memory storage also schedules a sweep of every counter after every write (a task
+that walks all of them): :func:`memory_counters` sweeps at most once a second instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,31 @@ import time
 from limits.aio.storage import MemoryStorage, RedisStorage
 
 from governor.ratelimit.guards import Window
+
+SWEEP_INTERVAL_S = 1.0
+
+
+def memory_counters() -> MemoryStorage:
+    """limits' memory storage, sweeping expired counters at most once a second.
+
+    limits starts a task walking every counter after each write, which makes a write
+    O(counters): 350 us a request with 2,000 keys. Expired counters are also dropped
+    when read (``get``), so the sweep only reclaims memory and need not run that often.
+    (Patched on the instance: a subclass would get limits' error wrappers twice.)
+    """
+    storage = MemoryStorage()
+    sweep = storage._MemoryStorage__schedule_expiry  # type: ignore[attr-defined]
+    next_sweep = 0.0
+
+    async def schedule_expiry() -> None:
+        nonlocal next_sweep
+        now = time.monotonic()
+        if now >= next_sweep:
+            next_sweep = now + SWEEP_INTERVAL_S
+            await sweep()
+
+    storage._MemoryStorage__schedule_expiry = schedule_expiry  # type: ignore[attr-defined]
+    return storage
 
 
 def memory_window_keys(key: str, window: int, now: float | None = None) -> tuple[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from limits import RateLimitItem, RateLimitItemPerSecond, WindowStats
-from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from governor.ratelimit import layout
@@ -22,7 +21,7 @@ class MemoryRateStore:
     """
 
     def __init__(self, *, share: int = 1) -> None:
-        self.storage = MemoryStorage()
+        self.storage = layout.memory_counters()
         self.strategy = SlidingWindowCounterRateLimiter(self.storage)
         self.share = share
         self._scaled: dict[RateLimitItem, RateLimitItem] = {}
@@ -38,6 +37,9 @@ class MemoryRateStore:
             self._scaled[limit.item] = item
         return item
 
+    def _key(self, limit: Limit, item: RateLimitItem) -> str:
+        return limit.key if item is limit.item else item.key_for(*limit.ids)
+
     def amount(self, limit: Limit) -> int:
         """The amount this store enforces for *limit* (its share of the fleet limit)."""
         return self._item(limit).amount
@@ -50,19 +52,19 @@ class MemoryRateStore:
             if not await self.strategy.hit(item, *hit.limit.ids, cost=hit.cost):
                 refused = True
                 break
-            key = item.key_for(*hit.limit.ids)
+            key = self._key(hit.limit, item)
             taken.append((hit, layout.memory_window_keys(key, item.get_expiry())[1]))
         if refused:
             for hit, wid in taken:
                 item = self._item(hit.limit)
-                key = item.key_for(*hit.limit.ids)
+                key = self._key(hit.limit, item)
                 await layout.memory_adjust(self.storage, key, item.get_expiry(), wid, -hit.cost)
         windows: list[Window] = []
         failing: list[int] = []
         for i, hit in enumerate(hits):
             item = self._item(hit.limit)
             window = await layout.memory_window(
-                self.storage, item.key_for(*hit.limit.ids), item.get_expiry()
+                self.storage, self._key(hit.limit, item), item.get_expiry()
             )
             if refused and not window.fits(item.amount, item.get_expiry(), hit.cost):
                 failing.append(i)
@@ -77,7 +79,7 @@ class MemoryRateStore:
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         for adj in adjustments:
             item = self._item(adj.limit)
-            key = item.key_for(*adj.limit.ids)
+            key = self._key(adj.limit, item)
             await layout.memory_adjust(
                 self.storage, key, item.get_expiry(), str(adj.window_id), adj.delta
             )

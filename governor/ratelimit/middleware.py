@@ -170,12 +170,13 @@ class RateGuardMiddleware:
         self._store_errors = metrics.counter(
             "ratelimit_store_errors", "Rate store failures, by operation.", ("op",)
         )
-        self._children: dict[tuple[Counter, str, str], Counter] = {}
+        self._children: dict[tuple[Counter | str, ...], Counter] = {}
 
-    def _count(self, family: Counter, guard: str, model: str, n: int = 1) -> None:
-        child = self._children.get((family, guard, model))
+    def _count(self, family: Counter, *labels: str, n: int = 1) -> None:
+        key: tuple[Counter | str, ...] = (family, *labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._children[(family, guard, model)] = family.labels(guard, model)
+            child = self._children[key] = family.labels(*labels)
         child.inc(n)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -246,7 +247,7 @@ class RateGuardMiddleware:
         for hit in request.hits:
             self._count(self._hits, hit.limit.guard.value, model)
         if request.reserved_tokens:
-            self._reserved.labels(model).inc(request.reserved_tokens)
+            self._count(self._reserved, model, n=request.reserved_tokens)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -316,7 +317,7 @@ class RateGuardMiddleware:
         if refund_all:
             settled = 0
         if request.reserved_tokens:
-            self._settled.labels(model).inc(settled)
+            self._count(self._settled, model, n=settled)
             ctx.notes["ratelimit"] = {
                 "tokens_reserved": request.reserved_tokens,
                 "tokens_settled": settled,
