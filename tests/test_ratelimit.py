@@ -499,3 +499,19 @@ async def test_ungoverned_paths_pass_through(backend: Backend) -> None:
     r = await call(mw, "GET", "/health")
     assert r.status == 200
     assert len(app.calls) == 2
+
+
+async def test_cancelled_request_keeps_its_hits(backend: Backend) -> None:
+    """A cancelled request (the client gone mid-call) is settled: the estimate stands."""
+    import asyncio
+
+    gate = Gate(1)
+    mw = make(gate, backend)
+    task = asyncio.ensure_future(post(mw, chat(max_tokens=100)))
+    await asyncio.wait_for(gate.decided.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await remaining(mw, Guard.MODEL_RPM, 15_000, "model", "gpt-5-5") == 14_999
+    left = await remaining(mw, Guard.MODEL_TPM, TPM, "model", "gpt-5-5")
+    assert left == TPM - reserve(chat(max_tokens=100))

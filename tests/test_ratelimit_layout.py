@@ -205,3 +205,16 @@ async def test_redis_one_round_trip_per_decision(redis_backend: RedisBackend, co
     ]
     await store.adjust(adjustments)
     assert calls == 2
+
+
+async def test_memory_sweep_runs_at_most_once_a_second() -> None:
+    """limits' sweep of every counter is started once a second, not after every write."""
+    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
+    storage = layout.memory_counters()
+    await storage.incr("a", 10)
+    first = storage.timer
+    assert first is not None
+    await first
+    await storage.incr("b", 10)
+    assert storage.timer is first
+    assert await storage.get("a") == 1

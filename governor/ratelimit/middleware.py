@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import weakref
 
 from prometheus_client import Counter
 
@@ -76,10 +75,9 @@ _ANTHROPIC_FAMILY = {
     )
 }
 
-# Stores are per backend, so every middleware on one governor shares the counters.
-_STORES: weakref.WeakKeyDictionary[Backend, tuple[RateStore, MemoryRateStore]] = (
-    weakref.WeakKeyDictionary()
-)
+# Stores live on their backend, so every middleware of one governor shares the counters
+# (an attribute rather than a weak mapping: a store refers to its backend).
+_STORES_ATTR = "_governor_ratelimit_stores"
 
 
 def counted_tokens(usage: Usage) -> int:
@@ -94,13 +92,13 @@ def counted_tokens(usage: Usage) -> int:
 
 
 def _stores(backend: Backend, fallback_workers: int) -> tuple[RateStore, MemoryRateStore]:
-    stores = _STORES.get(backend)
+    stores: tuple[RateStore, MemoryRateStore] | None = getattr(backend, _STORES_ATTR, None)
     if stores is None:
         store: RateStore = (
             RedisRateStore(backend) if isinstance(backend, RedisBackend) else MemoryRateStore()
         )
         stores = (store, MemoryRateStore(share=fallback_workers))
-        _STORES[backend] = stores
+        setattr(backend, _STORES_ATTR, stores)
     return stores
 
 
