@@ -134,6 +134,12 @@ GUARDS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ),
     ("model_ipm", {"models": {"gpt-image-2": ModelEntry(ipm=10)}}, image(n=2), IMAGES),
     ("key_ipm", {"keys": acme(ipm=10)}, image(n=2), IMAGES),
+    (
+        "key_model_ipm",
+        {"keys": acme(model_limits={"gpt-image-2": ModelLimits(ipm=10)})},
+        image(n=2),
+        IMAGES,
+    ),
 ]
 
 

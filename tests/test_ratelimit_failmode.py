@@ -8,7 +8,7 @@ import pytest
 
 from governor.backends import RedisBackend
 from governor.backends.redis import make_client
-from governor.config import Config, ModelEntry, RateLimitConfig, RedisConfig
+from governor.config import Config, KeyEntry, ModelEntry, RateLimitConfig, RedisConfig
 from governor.context import get_context
 from governor.ratelimit import Decision, Hit
 from governor.types import Receive, Scope, Send
@@ -95,3 +95,19 @@ async def test_fail_closed_refuses(
     assert r.header("x-should-retry") == "true"
     assert r.header("retry-after") == "1"
     assert app.calls == []
+
+
+async def test_fail_open_share_never_makes_a_request_impossible(
+    dead_backend: RedisBackend,
+) -> None:
+    """A reservation above the local share takes the whole share instead of never fitting."""
+    config = Config(
+        keys={"k": KeyEntry(account="acme", key="sk-1", tpm=1000)},
+        ratelimit=RateLimitConfig(fail_mode="open", fallback_workers=4),
+    )
+    mw = make(EchoApp(payload={"ok": True}), dead_backend, config)
+    first = await post(mw, chat(max_tokens=600), key="sk-1")
+    assert first.status == 200
+    assert first.header("x-ratelimit-limit-tokens") == "250"
+    assert first.header("x-ratelimit-remaining-tokens") == "0"
+    assert (await post(mw, chat(max_tokens=10), key="sk-1")).status == 429

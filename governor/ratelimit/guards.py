@@ -138,6 +138,8 @@ class Window:
 
     def retry_after(self, amount: int, window: int, cost: int) -> float:
         """Seconds until *cost* fits: ``floor(w) + cost <= amount`` is ``w < amount-cost+1``."""
+        if cost > amount:  # never fits; say the longest a window can take
+            return 2.0 * window
         return self.wait(window, amount - cost + 1) + 0.001
 
     def reset(self, window: int) -> float:
@@ -151,8 +153,10 @@ class Decision:
 
     granted: bool
     windows: list[Window]
-    # The amount each limit was enforced at (a fallback store enforces a share).
+    # The amount each limit was enforced at and what each hit took: a fallback store
+    # enforces a share of the amount and takes at most that share.
     amounts: list[int]
+    costs: list[int]
     refused: list[int] = dataclasses.field(default_factory=list)
 
 

@@ -45,20 +45,23 @@ class MemoryRateStore:
         return self._item(limit).amount
 
     async def acquire(self, hits: Sequence[Hit]) -> Decision:
+        # A share never takes more than itself: a request that fits the fleet limit must
+        # not become impossible while degraded.
+        costs = [min(hit.cost, self._item(hit.limit).amount) for hit in hits]
         taken: list[tuple[Hit, str]] = []
         refused = False
-        for hit in hits:
+        for hit, cost in zip(hits, costs, strict=True):
             item = self._item(hit.limit)
-            if not await self.strategy.hit(item, *hit.limit.ids, cost=hit.cost):
+            if not await self.strategy.hit(item, *hit.limit.ids, cost=cost):
                 refused = True
                 break
             key = self._key(hit.limit, item)
             taken.append((hit, layout.memory_window_keys(key, item.get_expiry())[1]))
         if refused:
-            for hit, wid in taken:
+            for (hit, wid), cost in zip(taken, costs, strict=False):
                 item = self._item(hit.limit)
                 key = self._key(hit.limit, item)
-                await layout.memory_adjust(self.storage, key, item.get_expiry(), wid, -hit.cost)
+                await layout.memory_adjust(self.storage, key, item.get_expiry(), wid, -cost)
         windows: list[Window] = []
         failing: list[int] = []
         for i, hit in enumerate(hits):
@@ -66,7 +69,7 @@ class MemoryRateStore:
             window = await layout.memory_window(
                 self.storage, self._key(hit.limit, item), item.get_expiry()
             )
-            if refused and not window.fits(item.amount, item.get_expiry(), hit.cost):
+            if refused and not window.fits(item.amount, item.get_expiry(), costs[i]):
                 failing.append(i)
             if not refused:
                 window.window_id = taken[i][1]
@@ -74,7 +77,7 @@ class MemoryRateStore:
         if refused and not failing:  # freed up meanwhile; still refused, blame the first
             failing.append(len(taken))
         amounts = [self._item(hit.limit).amount for hit in hits]
-        return Decision(not refused, windows, amounts, failing)
+        return Decision(not refused, windows, amounts, costs, failing)
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         for adj in adjustments:

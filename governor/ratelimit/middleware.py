@@ -292,22 +292,22 @@ class RateGuardMiddleware:
         usage = observer.usage
         settled = request.reserved_tokens
         adjustments: list[Adjustment] = []
-        for hit, window in zip(request.hits, decision.windows, strict=True):
+        for hit, window, cost in zip(request.hits, decision.windows, decision.costs, strict=True):
             unit = hit.limit.guard.unit
             if refund_all:
-                delta = -hit.cost
+                delta = -cost
                 self._count(self._refunds, hit.limit.guard.value, model)
             elif unit is Unit.TOKENS:
                 if usage is not None:
                     settled = counted_tokens(usage)
-                    delta = settled - hit.cost
+                    delta = settled - cost
                 elif failed:
                     settled = 0
-                    delta = -hit.cost
+                    delta = -cost
                 else:
                     delta = 0
             elif unit is Unit.IMAGES and failed:
-                delta = -hit.cost
+                delta = -cost
             else:
                 delta = 0
             if delta and window.window_id is not None:
@@ -344,7 +344,9 @@ class RateGuardMiddleware:
             hit = request.hits[i]
             self._count(self._refusals, hit.limit.guard.value, model)
             window = decision.windows[i]
-            wait = max(wait, window.retry_after(decision.amounts[i], hit.limit.window, hit.cost))
+            wait = max(
+                wait, window.retry_after(decision.amounts[i], hit.limit.window, decision.costs[i])
+            )
         first = request.hits[decision.refused[0]]
         guard = first.limit.guard
         amount = decision.amounts[decision.refused[0]]
@@ -398,13 +400,13 @@ class RateGuardMiddleware:
         """
         out: RawHeaders = []
         binding: dict[Unit, tuple[int, int, float]] = {}
-        for hit, window, amount in zip(
-            request.hits, decision.windows, decision.amounts, strict=True
+        for hit, window, amount, cost in zip(
+            request.hits, decision.windows, decision.amounts, decision.costs, strict=True
         ):
             limit = hit.limit
             remaining = window.remaining(amount, limit.window)
             if refunded:
-                remaining = min(amount, remaining + hit.cost)
+                remaining = min(amount, remaining + cost)
             guard = limit.guard
             if guard is Guard.MODEL_RPM:
                 out += [(_RPM_LIMIT, b"%d" % amount), (_RPM_REMAINING, b"%d" % remaining)]

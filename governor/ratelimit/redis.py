@@ -57,7 +57,8 @@ class RedisRateStore:
             elif not fits:
                 refused.append(i)
             windows.append(window)
-        return Decision(granted, windows, [h.limit.amount for h in hits], refused)
+        amounts = [h.limit.amount for h in hits]
+        return Decision(granted, windows, amounts, [h.cost for h in hits], refused)
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         keys: list[str] = []
