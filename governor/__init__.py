@@ -17,6 +17,7 @@ from governor.errors import (
 )
 from governor.keys import KeyResolver, key_id
 from governor.metrics import Metrics, MetricsApp
+from governor.ratelimit import RateGuardMiddleware
 from governor.runtime import Governor
 from governor.stack import ContextMiddleware, wrap
 from governor.usage_log import UsageLogMiddleware, usage_routes
@@ -41,6 +42,7 @@ __all__ = [
     "Metrics",
     "MetricsApp",
     "ModelSpec",
+    "RateGuardMiddleware",
     "RedisBackend",
     "RequestContext",
     "RequestError",

@@ -73,7 +73,13 @@ class RateLimitConfig:
     account_rpm: int = 10_000
     # Output reserved for a request that sets no cap, before the upstream reports usage.
     default_output_reserve: int = 4_096
+    # Redis down: "open" admits against a local in-memory limiter at a fair share of the
+    # fleet limit (limit // fallback_workers per worker, at least 1); "closed" answers 503.
     fail_mode: FailMode = "open"
+    # How many worker processes share the fleet's limits when they fall back to local
+    # counting. Never 1 unless there truly is one worker: the full limit per worker is
+    # N times the fleet limit (LiteLLM #35533).
+    fallback_workers: int = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ breaker counts it as neither success nor failure.
 from __future__ import annotations
 
 from governor.billing import BillingMiddleware
+from governor.ratelimit import RateGuardMiddleware
 from governor.runtime import Governor
 from governor.types import ASGIApp, Receive, Scope, Send
 from governor.usage_log import UsageLogMiddleware
@@ -55,11 +56,13 @@ class ContextMiddleware:
 def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
     """Wrap *app* in every enabled governor middleware, configured from *governor*."""
     gov = governor if governor is not None else Governor()
-    cfg = gov.config
+    config = gov.config
     # Innermost first.
-    if cfg.billing.enabled:
+    if config.billing.enabled:
         app = BillingMiddleware(app, governor=gov)
+    if config.ratelimit.enabled:
+        app = RateGuardMiddleware(app, governor=gov)
     # Usage logs sit right inside the context, outside every layer that can refuse.
-    if cfg.usage.enabled:
+    if config.usage.enabled:
         app = UsageLogMiddleware(app, governor=gov)
     return ContextMiddleware(app, governor=gov)
