@@ -14,6 +14,7 @@ from governor.errors import (
     GovernorError,
     RequestError,
 )
+from governor.fingerprint import FingerprintMiddleware, Suspensions, admin_routes
 from governor.keys import KeyResolver, key_id
 from governor.metrics import Metrics, MetricsApp
 from governor.runtime import Governor
@@ -29,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigurationError",
     "ContextMiddleware",
+    "FingerprintMiddleware",
     "Governor",
     "GovernorError",
     "KeyPolicy",
@@ -42,7 +44,9 @@ __all__ = [
     "RequestContext",
     "RequestError",
     "Surface",
+    "Suspensions",
     "SystemClock",
+    "admin_routes",
     "get_context",
     "key_id",
     "load_config",
