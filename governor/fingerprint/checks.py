@@ -233,12 +233,15 @@ class Inspector:
         forbidden = sorted(set(betas) & r.forbidden_betas)
         if forbidden:
             out.add("forbidden_beta", "violation", ",".join(forbidden))
+        # Side queries (titles, summaries) carry no claude-code beta: no tools, no thinking.
         thinking = payload.get("thinking")
         side_query = (
             surface is Surface.MESSAGES
-            and payload.get("tools") == []
-            and isinstance(thinking, Mapping)
-            and thinking.get("type") == "disabled"
+            and payload.get("tools") in (None, [])
+            and (
+                thinking is None
+                or (isinstance(thinking, Mapping) and thinking.get("type") == "disabled")
+            )
         )
         if r.required_beta not in betas:
             if not side_query:
@@ -383,11 +386,14 @@ class Inspector:
             out.add("billing_version", "violation")
         if fields.get("cc_entrypoint") != out.entrypoint:
             out.add("billing_entrypoint", "violation")
-        subagent = fields.get("cc_is_subagent") == "true"
-        if subagent != ("x-claude-code-agent-id" in one):
-            out.add("billing_subagent", "violation")
         if out.table is None:
             return
+        subagent = fields.get("cc_is_subagent") == "true"
+        if subagent != ("x-claude-code-agent-id" in one):
+            # Seen together from the Bun builds on; older builds are not pinned.
+            bun = _all_bun(lower, upper, out.table)
+            sev_sub: Severity = "soft" if not bun else self._table_severity(out)
+            out.add("billing_subagent", sev_sub)
         sev: Severity = "soft" if out.table == "newer" else "violation"
         if "none" in kinds and len(kinds) == 1:
             out.add("billing_unexpected", sev)
