@@ -469,7 +469,7 @@ async def test_offline_suspension_persisted_after_recovery(
     gov = Governor(Config(demo_keys=True), backend=redis_backend, registry=CollectorRegistry())
     middleware = FingerprintMiddleware(EchoApp(), governor=gov)
     flaky = Flaky(middleware.store)
-    middleware.store = flaky  # type: ignore[assignment]
+    middleware.store = flaky
     key = new_key()
     flaky.down = True
     await suspend_by_violation(middleware, key)
