@@ -10,6 +10,7 @@ suspend (a strike; suspension at ``strikes_to_suspend``).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import hashlib
@@ -221,21 +222,24 @@ class FingerprintMiddleware:
         address = ctx.client[0] if ctx.client else ""
         action = "violation" if c.behaviour_action == "suspend" else "block"
         out: list[Finding] = []
+        sender = f"{ctx.key_id} {address}"
+        observe = self.store.observe(
+            ctx.key_id,
+            inspection.device_id or "",
+            inspection.session_id or "",
+            address,
+            self._windows,
+        )
         try:
-            seen = await self.store.observe(
-                ctx.key_id,
-                inspection.device_id or "",
-                inspection.session_id or "",
-                address,
-                self._windows,
-            )
-            first = None
-            sender = f"{ctx.key_id} {address}"
             # Only full messages bodies: they embed the device and session ids, so an
             # identical one from elsewhere is a replay, not a coincidence.
             if ctx.surface is Surface.MESSAGES and inspection.device_id:
                 digest = hashlib.sha256(ctx.body).hexdigest()
-                first = await self.store.first_sender(digest, sender, c.replay_window_s)
+                replayed = self.store.first_sender(digest, sender, c.replay_window_s)
+                # Two independent round trips (different hash slots): in parallel.
+                seen, first = await asyncio.gather(observe, replayed)
+            else:
+                seen, first = await observe, None
         except BackendError:
             self._backend_errors.labels("behaviour").inc()
             if c.fail_mode == "closed":
