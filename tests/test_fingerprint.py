@@ -455,3 +455,23 @@ async def test_body_replayed_byte_for_byte(make: Make) -> None:
     result = await run(app, scope_for(req, new_key(), body), body)
     assert result.status == 200
     assert echo.calls[0][1] == body
+
+
+async def test_newer_version_unknown_entrypoint_not_struck(make: Make) -> None:
+    """A newer release's unknown entrypoint is refused (not official) without a strike."""
+    gov, app, _ = make()
+    req = first("claude-code-2.1.197-print")
+    with_version(req, "2.1.400", stainless="0.131.0", runtime="v26.14.0")
+    set_header(req, "User-Agent", "claude-cli/2.1.400 (external, cli-next)")
+    _system(req)[0]["text"] = _system(req)[0]["text"].replace("sdk-cli", "cli-next")
+    key = new_key()
+    assert (await replay(app, req, key)).status == 403
+    assert not await suspended(gov, key)
+
+
+async def test_workload_part_allowed(make: Make) -> None:
+    """UA parts the CLI adds (workload/…) are fine, whatever their value."""
+    _, app, _ = make()
+    req = first("claude-code-2.1.197-print")
+    set_header(req, "User-Agent", "claude-cli/2.1.197 (external, sdk-cli, workload/anonymous)")
+    assert (await replay(app, req, new_key())).status == 200

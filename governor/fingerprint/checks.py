@@ -125,6 +125,7 @@ class Inspector:
         self._basics(one, surface, out)
         self._betas(one.get("anthropic-beta"), surface, payload, out)
         info = self._version(ua, out)
+        self._entrypoint(out)
         self._runtime(one, info, out)
         self._session(one, surface, payload, info, out)
         if surface is Surface.MESSAGES:
@@ -189,10 +190,6 @@ class Inspector:
             return None
         version, entrypoint, rest = m.group(1), m.group(2), m.group(3)
         out.version, out.entrypoint = version, entrypoint
-        if entrypoint not in self.rules.entrypoints:
-            out.add("unknown_entrypoint", "violation", entrypoint[:40])
-        elif entrypoint not in self.official:
-            out.add("entrypoint_not_official", "violation", entrypoint)
         for part in filter(None, (p.strip() for p in rest.split(","))):
             name = part.partition("/")[0]
             if name in self.rules.agent_sdk_parts:
@@ -200,6 +197,17 @@ class Inspector:
             elif name not in self.rules.ua_parts:
                 out.add("unknown_ua_part", "soft", name[:40])
         return version, entrypoint
+
+    def _entrypoint(self, out: Inspection) -> None:
+        entrypoint = out.entrypoint
+        if entrypoint is None:
+            return
+        if entrypoint not in self.rules.entrypoints:
+            # A release newer than the tables may add entrypoints: refuse, never strike.
+            sev: Severity = "block" if out.table == "newer" else "violation"
+            out.add("unknown_entrypoint", sev, entrypoint[:40])
+        elif entrypoint not in self.official:
+            out.add("entrypoint_not_official", "violation", entrypoint)
 
     def _basics(self, one: Mapping[str, str], surface: Surface, out: Inspection) -> None:
         r = self.rules
