@@ -475,3 +475,33 @@ async def test_workload_part_allowed(make: Make) -> None:
     req = first("claude-code-2.1.197-print")
     set_header(req, "User-Agent", "claude-cli/2.1.197 (external, sdk-cli, workload/anonymous)")
     assert (await replay(app, req, new_key())).status == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"claude-opus-4-7-max","model":"claude-opus-4-8","max_tokens":5,"messages":[]}',
+        b'{"model":"claude-opus-4-8","max_tokens":5,"mod\\u0065l":"claude-opus-4-8",'
+        b'"model":"claude-opus-4-7-max","messages":[]}',
+        b'{"model":"Claude-Opus-4-7-MAX ","model":"claude-opus-4-8","max_tokens":5,"messages":[]}',
+    ],
+)
+async def test_duplicate_model_keys_smuggling_blocked(make: Make, body: bytes) -> None:
+    """A -max id hidden behind a duplicate "model" key is still a -max request."""
+    gov, app, echo = make()
+    req = first("anthropic-python-sdk-2.14.0")
+    req["raw_body"] = body
+    key = new_key()
+    assert (await replay(app, req, key)).status == 403
+    assert await suspended(gov, key)
+    assert echo.calls == []
+
+
+async def test_model_word_in_content_is_no_duplicate(make: Make) -> None:
+    """A "model" string inside the messages is not a second model key."""
+    _, app, _ = make()
+    req = first("anthropic-python-sdk-2.14.0")
+    req["body"]["model"] = "claude-opus-4-8"
+    req["body"]["messages"] = [{"role": "user", "content": {"model": "claude-opus-4-7-max"}}]
+    req["body"]["tools"] = [{"name": "t", "input_schema": {"properties": {"model": {}}}}]
+    assert (await replay(app, req, new_key())).status == 200

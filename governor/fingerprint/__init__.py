@@ -10,6 +10,8 @@ from governor.fingerprint.middleware import (
     FingerprintMiddleware,
     Verdict,
     canonical_route,
+    cli_only_id,
+    duplicate_models,
     is_cli_only,
 )
 from governor.fingerprint.rules import Rules, load_rules, rules_from_mapping
@@ -28,6 +30,8 @@ __all__ = [
     "Verdict",
     "admin_routes",
     "canonical_route",
+    "cli_only_id",
+    "duplicate_models",
     "is_cli_only",
     "load_rules",
     "rules_from_mapping",

@@ -14,13 +14,14 @@ import asyncio
 import dataclasses
 import enum
 import hashlib
+import json
 import logging
 from typing import Any
 from urllib.parse import unquote
 
-from governor.catalog import Upstream
+from governor.catalog import Catalog, ModelSpec, Upstream
 from governor.config import FingerprintConfig
-from governor.context import ROUTES, RequestContext, Surface, normalise_path
+from governor.context import ROUTES, RequestContext, Surface, lookup_model, normalise_path
 from governor.errors import BackendError, NotFound, Overloaded, PermissionDenied, send_error
 from governor.fingerprint.checks import Finding, Inspection, Inspector, header_map
 from governor.fingerprint.memory import MemoryFingerprintStore
@@ -57,22 +58,49 @@ class Decision:
         return "unknown_version" if self.inspection.table == "newer" else "ok"
 
 
-def is_cli_only(ctx: RequestContext) -> bool:
-    """Whether the request names a CLI-only Claude ``-max`` model, however spelled.
+def cli_only_id(model_id: str, spec: ModelSpec | None) -> bool:
+    """Whether *model_id* (resolved to *spec*) is a CLI-only Claude ``-max`` model.
 
     ``lookup_model`` already folds case and white space (``Claude-Opus-4-7-MAX ``);
     the raw id is checked too, for a ``-max`` Claude id a config added without
     ``upstream = "anthropic"``. ``qwen3-7-max`` is a standard model: not a Claude id.
     """
-    if ctx.model is None:
+    if spec is None:
         return False
-    if ctx.model.cli_only:
+    if spec.cli_only:
         return True
-    raw = ctx.model_id.strip().lower()
-    ids = (raw, ctx.model.id.lower())
+    ids = (model_id.strip().lower(), spec.id.lower())
     return any(i.endswith("-max") for i in ids) and (
-        ctx.model.upstream is Upstream.ANTHROPIC or any(i.startswith("claude") for i in ids)
+        spec.upstream is Upstream.ANTHROPIC or any(i.startswith("claude") for i in ids)
     )
+
+
+def duplicate_models(body: bytes) -> list[str]:
+    """The top-level ``model`` values of a body naming the model more than once.
+
+    Parsers disagree on which duplicate key wins; ``{"model": "<-max>", "model":
+    "<standard>"}`` must not pass as a standard request to an upstream that takes the
+    first. Cheap pre-test: a second ``"model"`` token or a ``\\u`` escape.
+    """
+    if body.count(b'"model"') < 2 and b"\\u" not in body:
+        return []
+    try:
+        top = json.loads(body, object_pairs_hook=lambda pairs: pairs)
+    except ValueError:
+        return []
+    if not isinstance(top, list):
+        return []
+    models = [v for k, v in top if k == "model"]
+    return [m for m in models if isinstance(m, str)] if len(models) > 1 else []
+
+
+def is_cli_only(ctx: RequestContext, catalog: Catalog | None = None) -> bool:
+    """Whether *ctx* names a CLI-only model, however spelled or smuggled."""
+    if cli_only_id(ctx.model_id, ctx.model):
+        return True
+    if catalog is None or ctx.model is None:
+        return False
+    return any(cli_only_id(m, lookup_model(catalog, m)) for m in duplicate_models(ctx.body))
 
 
 def canonical_route(scope: Scope) -> str | None:
@@ -173,7 +201,7 @@ class FingerprintMiddleware:
         if suspension is not None:
             await self._refuse_suspended(ctx, send, suspension)
             return
-        if not is_cli_only(ctx):
+        if not is_cli_only(ctx, self.governor.catalog):
             await self.app(scope, receive, send)
             return
         try:
@@ -195,6 +223,8 @@ class FingerprintMiddleware:
             ctx.surface, scope.get("query_string", b""), ctx.headers, ctx.payload
         )
         findings = inspection.findings
+        if duplicate_models(ctx.body):
+            inspection.add("duplicate_model", "violation")
         if not any(f.severity != "soft" for f in findings):
             findings.extend(await self._behaviour(ctx, inspection))
         reasons = [f.code for f in findings if f.severity == "violation"]
