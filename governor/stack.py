@@ -53,7 +53,8 @@ class ContextMiddleware:
 def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
     """Wrap *app* in every enabled governor middleware, configured from *governor*."""
     gov = governor if governor is not None else Governor()
-    inner = app
-    if gov.config.fingerprint.enabled:
-        inner = FingerprintMiddleware(inner, governor=gov)
-    return ContextMiddleware(inner, governor=gov)
+    cfg = gov.config
+    # Innermost first.
+    if cfg.fingerprint.enabled:
+        app = FingerprintMiddleware(app, governor=gov)
+    return ContextMiddleware(app, governor=gov)
