@@ -448,9 +448,11 @@ def _parse_user_id(value: str) -> tuple[str | None, str | None, str | None]:
     m = _LEGACY_USER.match(value)
     if m:
         return "legacy", m.group(1), m.group(3)
+    if len(value) > 512 or not value.startswith('{"device_id":'):
+        return None, None, None
     try:
         data = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, None, None
     if not isinstance(data, dict) or list(data) != ["device_id", "account_uuid", "session_id"]:
         return None, None, None

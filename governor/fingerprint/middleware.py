@@ -86,7 +86,7 @@ def duplicate_models(body: bytes) -> list[str]:
         return []
     try:
         top = json.loads(body, object_pairs_hook=lambda pairs: pairs)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     if not isinstance(top, list):
         return []
