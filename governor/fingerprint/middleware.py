@@ -182,6 +182,12 @@ class FingerprintMiddleware:
             if route is not None:
                 # A spelling of a governed path that escaped parsing: never let it
                 # reach an app or upstream that would decode it again.
+                self._decisions.labels("block", "non_canonical_path").inc()
+                log.warning(
+                    "fingerprint block: non-canonical path for %s",
+                    route,
+                    extra={"fingerprint": {"verdict": "block", "reasons": ["non_canonical_path"]}},
+                )
                 await send_error(
                     send,
                     NotFound(
