@@ -367,16 +367,32 @@ async def test_newer_version_allowed_and_logged(
     assert registry.get_sample_value("governor_fingerprint_decisions_total", labels) == 1
 
 
-async def test_newer_version_with_stale_sdk_blocked_not_suspended(make: Make) -> None:
-    """A newer version claiming an SDK older than the newest known: refused, no strike."""
+async def test_newer_version_with_older_sdk_allowed_and_logged(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer version keeping an older SDK/runtime than the newest known: allowed, logged."""
+    gov, app, _ = make()
+    req = first("claude-code-2.1.197-interactive")
+    with_version(req, "2.2.0")  # keeps 2.1.197's 0.94.0 and v26.3.0
+    key = new_key()
+    caplog.set_level("INFO", logger="governor.fingerprint")
+    assert (await replay(app, req, key)).status == 200
+    assert not await suspended(gov, key)
+    decision = next(r for r in caplog.records if hasattr(r, "fingerprint"))
+    assert {"unknown_version", "stainless_version", "runtime_version"} <= set(
+        decision.fingerprint["soft"]
+    )
+
+
+async def test_newer_version_forgery_still_caught(make: Make) -> None:
+    """A newer version does not excuse what is not table-derived: a stale anthropic-version."""
     gov, app, _ = make()
     req = first("claude-code-2.1.197-print")
-    with_version(req, "2.1.400")  # keeps 0.94.0 and v26.3.0 of 2.1.197
+    with_version(req, "2.1.400", stainless="0.131.0", runtime="v26.14.0")
+    set_header(req, "anthropic-version", "2026-10-21")
     key = new_key()
-    result = await replay(app, req, key)
-    assert result.status == 403
-    assert "suspended" not in result.body.decode()
-    assert not await suspended(gov, key)
+    assert (await replay(app, req, key)).status == 403
+    assert await suspended(gov, key)
 
 
 async def test_version_between_known_ones_allowed(make: Make) -> None:

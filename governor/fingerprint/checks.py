@@ -5,8 +5,8 @@ Every finding has a severity:
 
 - ``violation``: clear evidence the client is not the official CLI (or is an entrypoint
   the policy does not admit). A strike against the key; suspension per policy.
-- ``block``: refuse, without a strike. Used where the tables cannot be sure: a version
-  newer than the tables whose SDK or runtime version is older than the newest known.
+- ``block``: refuse, without a strike: an entrypoint unknown to the tables on a release
+  newer than them (it is not an official one either way), behaviour limits.
 - ``soft``: logged and counted, never refused on its own (header order, a missing
   billing block, unknown betas, ...): proxies and settings can cause them.
 """
@@ -289,8 +289,9 @@ class Inspector:
         return self.rules.neighbours(version) if version else (None, None)
 
     def _table_severity(self, out: Inspection) -> Severity:
-        # A release newer than the tables may legitimately differ: refuse, never strike.
-        return "block" if out.table == "newer" else "violation"
+        # A release newer than the tables may legitimately differ from them (a new
+        # SDK, runtime or header): the tables cannot judge it, so only log.
+        return "soft" if out.table == "newer" else "violation"
 
     def _runtime(self, one: Mapping[str, str], info: VersionInfo | None, out: Inspection) -> None:
         if out.table is None:
@@ -321,7 +322,7 @@ class Inspector:
         helper = "x-stainless-helper-method" in one
         allowed = {i.helper_method for i in (lower, upper) if i is not None}
         if helper not in allowed:
-            out.add("helper_method", sev if out.table != "newer" else "soft")
+            out.add("helper_method", sev)
 
     def _session(
         self,
