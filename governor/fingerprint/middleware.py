@@ -231,6 +231,9 @@ class FingerprintMiddleware:
         findings = inspection.findings
         if duplicate_models(ctx.body):
             inspection.add("duplicate_model", "violation")
+        elif ctx.model is not None and ctx.model_id != ctx.model.id:
+            # The CLI sends whatever the user configured; the catalog folds the spelling.
+            inspection.add("model_id_spelling", "soft")
         if not any(f.severity != "soft" for f in findings):
             findings.extend(await self._behaviour(ctx, inspection))
         reasons = [f.code for f in findings if f.severity == "violation"]
