@@ -53,6 +53,7 @@ from governor.catalog import ModelSpec
 from governor.config import Config
 from governor.context import Surface, shape_for
 from governor.errors import ConfigurationError, NotFound, send_error
+from governor.fingerprint import admin_routes as suspension_routes
 from governor.types import ASGIApp, Receive, Scope, Send
 
 DEMO_KEY = "ck_demo"
@@ -162,9 +163,21 @@ class Settings:
 # --- routes ---------------------------------------------------------------------------
 
 
+def admin_token(governor: Governor) -> str | None:
+    """The operators' bearer token: ``GOVERNOR_ADMIN_TOKEN``, else the config's."""
+    return os.environ.get("GOVERNOR_ADMIN_TOKEN") or governor.config.fingerprint.admin_token
+
+
 def extra_routes(governor: Governor) -> list[BaseRoute]:
-    """Admin and extra routes (breaker overrides, suspensions, per-key usage) join here."""
-    return [*usage_routes(governor)]
+    """Admin and extra routes (breaker overrides, suspensions, per-key usage) join here.
+
+    Admin routes are mounted only with an admin token, so they are never open.
+    """
+    routes: list[BaseRoute] = [*usage_routes(governor)]
+    token = admin_token(governor)
+    if token:
+        routes += suspension_routes(governor, token=token)
+    return routes
 
 
 def model_object(model: ModelSpec) -> dict[str, object]:

@@ -15,6 +15,7 @@ from governor.errors import (
     GovernorError,
     RequestError,
 )
+from governor.fingerprint import FingerprintMiddleware, Suspensions
 from governor.keys import KeyResolver, key_id
 from governor.metrics import Metrics, MetricsApp
 from governor.ratelimit import RateGuardMiddleware
@@ -33,6 +34,7 @@ __all__ = [
     "Config",
     "ConfigurationError",
     "ContextMiddleware",
+    "FingerprintMiddleware",
     "Governor",
     "GovernorError",
     "KeyPolicy",
@@ -47,6 +49,7 @@ __all__ = [
     "RequestContext",
     "RequestError",
     "Surface",
+    "Suspensions",
     "SystemClock",
     "UsageLogMiddleware",
     "get_context",

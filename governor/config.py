@@ -97,11 +97,48 @@ class BreakerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FingerprintConfig:
-    """Client-fingerprint enforcement for ``-max`` models."""
+    """Client-fingerprint enforcement for ``-max`` models (see docs/fingerprint.md)."""
 
     enabled: bool = True
+    # User-Agent entrypoints that count as the official CLI: interactive and `-p`.
     official_entrypoints: tuple[str, ...] = ("cli", "sdk-cli")
+    # Violations within strike_ttl_s before the key is suspended (1: the first one).
     strikes_to_suspend: int = 1
+    strike_ttl_s: float = 30 * 86_400.0
+    # Behaviour per key: distinct device ids, sessions and client addresses per window.
+    max_devices_per_key: int = 8
+    device_window_s: float = 3_600.0
+    max_sessions_per_key: int = 64
+    session_window_s: float = 600.0
+    max_addresses_per_key: int = 16
+    address_window_s: float = 3_600.0
+    # Exceeding a behaviour limit: refuse ("block") or also strike ("suspend").
+    behaviour_action: Literal["block", "suspend"] = "block"
+    # The same -max body from another key or address within this window is a replay.
+    replay_window_s: float = 600.0
+    # A replacement rules file (TOML); None: the packaged governor/fingerprint/rules.toml.
+    rules_path: str | None = None
+    # Bearer token of the suspension admin routes.
+    admin_token: str | None = None
+    # Redis down: "open" keeps the stateless checks and the suspensions this worker
+    # knows; "closed" refuses with 503 what it cannot check.
+    fail_mode: FailMode = "open"
+
+    def __post_init__(self) -> None:
+        if self.strikes_to_suspend < 1:
+            raise ConfigurationError("fingerprint.strikes_to_suspend: must be >= 1")
+        for name in (
+            "strike_ttl_s",
+            "max_devices_per_key",
+            "device_window_s",
+            "max_sessions_per_key",
+            "session_window_s",
+            "max_addresses_per_key",
+            "address_window_s",
+            "replay_window_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"fingerprint.{name}: must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

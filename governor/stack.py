@@ -24,6 +24,7 @@ breaker counts it as neither success nor failure.
 from __future__ import annotations
 
 from governor.billing import BillingMiddleware
+from governor.fingerprint import FingerprintMiddleware
 from governor.ratelimit import RateGuardMiddleware
 from governor.runtime import Governor
 from governor.types import ASGIApp, Receive, Scope, Send
@@ -62,6 +63,8 @@ def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
         app = BillingMiddleware(app, governor=gov)
     if config.ratelimit.enabled:
         app = RateGuardMiddleware(app, governor=gov)
+    if config.fingerprint.enabled:
+        app = FingerprintMiddleware(app, governor=gov)
     # Usage logs sit right inside the context, outside every layer that can refuse.
     if config.usage.enabled:
         app = UsageLogMiddleware(app, governor=gov)

@@ -659,3 +659,31 @@ def test_several_workers_on_memory_are_refused() -> None:
     assert done.returncode == 2
     assert "--workers 2 needs Redis" in done.stderr
     assert "--redis-url" in done.stderr
+
+
+async def test_admin_routes_need_the_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With GOVERNOR_ADMIN_TOKEN the suspension admin routes are mounted, behind the token."""
+    from examples.demo_proxy import extra_routes
+    from governor import Governor
+    from tests.helpers import call
+
+    monkeypatch.setenv("GOVERNOR_ADMIN_TOKEN", "s3cret")
+    from starlette.applications import Starlette
+
+    app = Starlette(routes=extra_routes(Governor()))
+    ok = await call(
+        app, "GET", "/admin/fingerprint/suspensions", headers={"authorization": "Bearer s3cret"}
+    )
+    assert ok.status == 200
+    denied = await call(app, "GET", "/admin/fingerprint/suspensions")
+    assert denied.status == 401
+
+
+def test_admin_routes_absent_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an admin token no admin route is mounted."""
+    from examples.demo_proxy import extra_routes
+    from governor import Governor
+
+    monkeypatch.delenv("GOVERNOR_ADMIN_TOKEN", raising=False)
+    paths = [getattr(r, "path", "") for r in extra_routes(Governor())]
+    assert not any(p.startswith("/admin") for p in paths)
