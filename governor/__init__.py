@@ -4,6 +4,7 @@ an LLM API gateway."""
 from __future__ import annotations
 
 from governor.backends import Backend, MemoryBackend, RedisBackend
+from governor.breaker import BreakerMiddleware
 from governor.catalog import Catalog, ModelSpec
 from governor.clock import Clock, ManualClock, SystemClock
 from governor.config import Config, KeyPolicy, load_config
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendError",
+    "BreakerMiddleware",
     "Catalog",
     "Clock",
     "Config",
