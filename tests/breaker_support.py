@@ -38,6 +38,7 @@ class Upstream:
         self.calls = 0
         self.inside = 0
         self.gate = asyncio.Event()
+        self._entered = asyncio.Event()
         self.governor = governor
         # Time the fake upstream takes before its first byte (a ManualClock advance).
         self.delay = 0.0
@@ -46,10 +47,17 @@ class Upstream:
         await receive()
         self.calls += 1
         self.inside += 1
+        self._entered.set()
         try:
             await self._answer(scope, receive, send)
         finally:
             self.inside -= 1
+
+    async def until_inside(self, n: int) -> None:
+        """Wait until *n* calls are inside at once."""
+        while self.inside < n:
+            self._entered.clear()
+            await self._entered.wait()
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         mode = self.mode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from governor.clock import ManualClock
 from governor.config import Config
 from governor.runtime import Governor
 from governor.stack import wrap
+from governor.types import Message
 from tests.breaker_support import MESSAGES, Factory, Upstream, harnesses
 from tests.helpers import auth, call
 
@@ -73,8 +75,7 @@ async def test_cancellation_is_neutral(make_harness: Factory) -> None:
     hn.upstream.mode = "gate"
     for _ in range(4):
         task = asyncio.ensure_future(call(hn.app, headers=auth(), json_body={"model": "gpt-5-5"}))
-        while hn.upstream.inside == 0:
-            await asyncio.sleep(0.001)
+        await hn.upstream.until_inside(1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -90,10 +91,8 @@ async def test_failure_kinds_open(make_harness: Factory, mode: Any) -> None:
     """5xx, 529, 429, connection errors and broken streams each count as failures."""
     hn = make_harness()
     for _ in range(3):
-        try:
+        with contextlib.suppress(ConnectionRefusedError):
             await hn.request(mode)
-        except ConnectionRefusedError:
-            pass
     assert hn.state() == "open"
 
 
@@ -156,8 +155,7 @@ async def test_half_open_admits_bounded_probes(make_harness: Factory) -> None:
         asyncio.ensure_future(call(hn.app, headers=auth(), json_body={"model": "gpt-5-5"}))
         for _ in range(8)
     ]
-    while hn.upstream.inside < 2:
-        await asyncio.sleep(0.001)
+    await hn.upstream.until_inside(2)
     for _ in range(20):  # the refused ones finish on their own
         await asyncio.sleep(0)
     refused = [t.result() for t in tasks if t.done()]
@@ -267,8 +265,8 @@ async def test_lifespan_shutdown_stops_sync(make_harness: Factory) -> None:
     """The middleware passes lifespan through and stops its background sync at shutdown."""
     hn = make_harness()
     await hn.request("ok")
-    sent: list[dict[str, Any]] = []
-    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[Message] = []
+    inbox: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         while True:
@@ -277,14 +275,13 @@ async def test_lifespan_shutdown_stops_sync(make_harness: Factory) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return inbox.pop(0)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     hn.app.app = app
     await hn.app({"type": "lifespan"}, receive, send)
     assert sent == [{"type": "lifespan.shutdown.complete"}]
     assert hn.breakers._syncer is None
-
