@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 
 from governor import headers as h
-from governor.backends import Backend
+from governor.backends import Backend, MemoryBackend
 from governor.breaker import breakers_for
 from governor.clock import ManualClock
 from governor.config import Config
+from governor.context import get_context
 from governor.runtime import Governor
 from governor.stack import wrap
-from governor.types import Message
+from governor.types import Message, Receive, Scope, Send
 from tests.breaker_support import MESSAGES, Factory, Upstream, harnesses
 from tests.helpers import auth, call
 
@@ -285,3 +286,32 @@ async def test_lifespan_shutdown_stops_sync(make_harness: Factory) -> None:
     await hn.app({"type": "lifespan"}, receive, send)
     assert sent == [{"type": "lifespan.shutdown.complete"}]
     assert hn.breakers._syncer is None
+
+
+class Queued:
+    """Stands in for the admission layer: the request waits *wait_s* in its queue."""
+
+    def __init__(self, app: Upstream, clock: ManualClock, wait_s: float) -> None:
+        self.app, self.clock, self.wait_s = app, clock, wait_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = get_context(scope)
+        assert ctx is not None
+        self.clock.advance(self.wait_s)
+        ctx.notes["queue_wait_ms"] = self.wait_s * 1000
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    ("queued_s", "upstream_s", "state"), [(0, 2.0, "open"), (1.5, 0.5, "closed")]
+)
+async def test_slow_first_byte(queued_s: float, upstream_s: float, state: str) -> None:
+    """A first byte slower than slow_first_byte_s fails; the queue's wait is not the upstream's."""
+    async for make in harnesses(MemoryBackend()):
+        hn = make(slow_first_byte_s=1.0)
+        clock = hn.clock
+        assert isinstance(clock, ManualClock)
+        hn.app.app = Queued(hn.upstream, clock, queued_s)
+        hn.upstream.delay = upstream_s
+        await hn.fail(3, mode="ok")
+        assert hn.state() == state

@@ -244,7 +244,8 @@ async def test_no_event_loop_stall_when_redis_is_slow(real_backend: RedisBackend
         await app.breakers.aclose()
         await client.aclose()
         await proxy.close()
-    print(f"\nmax lag {max(lags)*1000:.1f} ms, max latency {max(latencies)*1000:.1f} ms, statuses {sorted(set(statuses))}")
+    lag_ms, wait_ms = max(lags) * 1000, max(latencies) * 1000
+    print(f"\nmax event-loop lag {lag_ms:.1f} ms, slowest request {wait_ms:.1f} ms")
     assert max(lags) < 0.1, f"event loop stalled {max(lags):.3f}s"
     assert max(latencies) < 0.2, f"a request waited {max(latencies):.3f}s on Redis"
     assert 503 in statuses  # the breaker still broke
