@@ -312,11 +312,15 @@ class BreakerRegistry:
             await self.clock.sleep(self.config.sync_interval_s)
             if self.clock.monotonic() - self._last_seen > _IDLE_STOP_S:
                 return
-            await self._refresh(list(self._breakers))
+            await self.sync()
 
     async def sync(self) -> None:
-        """Refresh every known path from Redis now (tests, admin views)."""
-        await self._refresh(list(self._breakers))
+        """Refresh every known path from Redis now (the sync loop, tests, admin views)."""
+        await self._shielded(self._refresh(list(self._breakers)))
+
+    async def _shielded(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Await *coro* in a task of its own: a cancelled caller leaves it to finish."""
+        return await asyncio.shield(self._spawn(coro))
 
     async def drain(self) -> None:
         """Wait for every background write and read in flight."""
@@ -355,7 +359,7 @@ class BreakerRegistry:
         scope = "local"
         if self.store is not None:
             try:
-                snap = await self.store.force(lb.path, action)
+                snap = await self._shielded(self.store.force(lb.path, action))
             except BackendError as exc:
                 # Still obey the operator here; the other workers cannot be told.
                 self._degrade(str(exc))
