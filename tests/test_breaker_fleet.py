@@ -166,6 +166,18 @@ class DelayProxy:
         self.delay = delay
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.down = False
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones until :meth:`restore`."""
+        self.down = True
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.down = False
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -177,7 +189,11 @@ class DelayProxy:
             await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.close()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, up_writer]
         await asyncio.gather(
             self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
         )
@@ -249,3 +265,36 @@ async def test_no_event_loop_stall_when_redis_is_slow(real_backend: RedisBackend
     assert max(lags) < 0.1, f"event loop stalled {max(lags):.3f}s"
     assert max(latencies) < 0.2, f"a request waited {max(latencies):.3f}s on Redis"
     assert 503 in statuses  # the breaker still broke
+
+
+@pytest.mark.redis
+async def test_redis_outage_and_recovery(real_backend: RedisBackend) -> None:
+    """Redis lost mid-way: the worker breaks locally; once it is back, the shared state rules."""
+    real = urlsplit(REDIS_URL)
+    proxy = DelayProxy((real.hostname or "127.0.0.1", real.port or 6379), delay=0)
+    await proxy.start()
+    cfg = RedisConfig(
+        url=f"redis://127.0.0.1:{proxy.port}{real.path}",
+        key_prefix=real_backend.prefix,
+        retries=0,
+    )
+    backend = RedisBackend(cfg, client=make_client(cfg))
+    try:
+        async for make in harnesses(backend):
+            hn = make()
+            assert (await hn.request("ok")).status == 200
+            proxy.cut()
+            await hn.fail(3)
+            result = await hn.request("ok")
+            assert result.status == 503
+            assert result.header(h.DEGRADED.lower()) == "breaker"
+            assert hn.sample("governor_breaker_degraded") == 1
+            proxy.restore()
+            await hn.breakers.sync()
+            assert not hn.breakers.degraded
+            result = await hn.request("ok")  # Redis never saw the failures: closed
+            assert result.status == 200
+            assert result.header(h.DEGRADED.lower()) is None
+    finally:
+        await backend.redis.aclose()
+        await proxy.close()
