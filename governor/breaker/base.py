@@ -51,17 +51,20 @@ class Snapshot:
     fails: int
     remaining_s: float  # until half-open, when open
     open_for_s: float  # how long the current (or next) open period lasts
+    # Grows with every write (0: no state stored yet); the newest reply wins.
+    version: int = 0
 
     @classmethod
     def from_reply(cls, reply: list[object], base_s: float) -> tuple[Snapshot, bool]:
-        """Decode a Lua reply ``{state, fails, remaining_ms, open_ms, forced, granted}``."""
-        state, fails, remaining, open_ms, forced, granted = (_text(v) for v in reply)
+        """Decode a Lua reply: state, fails, remaining ms, open ms, forced, granted, version."""
+        state, fails, remaining, open_ms, forced, granted, version = (_text(v) for v in reply)
         snap = cls(
             state=state if state in STATE_CODE else CLOSED,
             forced=forced or None,
             fails=int(fails or 0),
             remaining_s=max(0.0, int(remaining or 0) / 1000),
             open_for_s=int(open_ms or 0) / 1000 or base_s,
+            version=int(version or 0),
         )
         return snap, granted == "1"
 

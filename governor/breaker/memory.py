@@ -82,6 +82,8 @@ class LocalBreaker:
         self.probe_backoff_until = 0.0
         # Replies of this worker's own writes taken; a read begun before one is stale.
         self.writes = 0
+        # The newest shared version mirrored: replies can arrive out of order.
+        self.version = 0
 
     @property
     def state(self) -> str:
@@ -177,6 +179,9 @@ class LocalBreaker:
 
     def mirror(self, snap: Snapshot, now: float) -> None:
         """Take the shared state *snap* (read at local time *now*) as this worker's."""
+        if snap.version and snap.version < self.version:
+            return  # an older reply than one already taken
+        self.version = max(self.version, snap.version)
         self.forced = snap.forced
         self.shared_fails = snap.fails
         self.open_for = snap.open_for_s

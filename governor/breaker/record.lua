@@ -5,10 +5,16 @@
 -- Closed: consecutive failures (fleet-wide) open it at the threshold; a success resets.
 -- Half-open: only a live probe's outcome counts; a failure re-opens for twice as long
 -- as last time (capped), enough successes close it. Late outcomes change nothing.
--- Reply: {state, fails, remaining_ms, open_ms, forced, granted=0}.
+-- Reply: {state, fails, remaining_ms, open_ms, forced, granted=0, version}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = KEYS[1]
+-- The version only grows (past Redis TIME in ms, so even after a flush): a worker keeps
+-- the newest of the replies it gets, whatever order they arrive in.
+local function bump()
+  local v = math.max(tonumber(redis.call('HGET', h, 'ver') or '0') + 1, now)
+  redis.call('HSET', h, 'ver', v)
+end
 local state = redis.call('HGET', h, 'state') or 'closed'
 local forced = redis.call('HGET', h, 'forced') or ''
 local is_probe = 0
@@ -45,9 +51,11 @@ if forced == '' and ARGV[1] ~= 'neutral' then
     end
   end
 end
+bump()
 local remaining = 0
 if state == 'open' then
   remaining = math.max(0, tonumber(redis.call('HGET', h, 'open_until') or '0') - now)
 end
 return {state, tonumber(redis.call('HGET', h, 'fails') or '0'), remaining,
-        tonumber(redis.call('HGET', h, 'open_ms') or '0'), forced, 0}
+        tonumber(redis.call('HGET', h, 'open_ms') or '0'), forced, 0,
+        tonumber(redis.call('HGET', h, 'ver') or '0')}

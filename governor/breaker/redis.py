@@ -4,8 +4,8 @@ Per model path, two keys in the model's hash-tag slot (``{model}``):
 
 - ``<prefix>:{<model>}:breaker:<upstream>``: a HASH with ``state``, ``fails``
   (consecutive, fleet-wide), ``successes`` (probe successes this half-open period),
-  ``open_ms`` (length of the current open period), ``open_until`` (Redis ms) and
-  ``forced`` (the operator's override);
+  ``open_ms`` (length of the current open period), ``open_until`` (Redis ms),
+  ``forced`` (the operator's override) and ``ver`` (grows with every write);
 - ``<prefix>:{<model>}:breaker:<upstream>:probes``: a ZSET of probe leases, scored by
   their deadline, expiring as a whole with the last lease.
 
@@ -21,7 +21,7 @@ from governor.backends import RedisBackend, map_redis_errors
 from governor.breaker.base import STATE_CODE, Snapshot, Verdict, split_path
 from governor.config import BreakerConfig
 
-_FIELDS = ("state", "fails", "open_until", "open_ms", "forced")
+_FIELDS = ("state", "fails", "open_until", "open_ms", "forced", "ver")
 _ARG = {Verdict.SUCCESS: "ok", Verdict.FAILURE: "fail", Verdict.NEUTRAL: "neutral"}
 
 
@@ -88,7 +88,7 @@ class RedisBreakerStore:
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, Snapshot] = {}
         for path, values in zip(paths, replies[1:], strict=True):
-            state, fails, open_until, open_ms, forced = (
+            state, fails, open_until, open_ms, forced, version = (
                 v.decode() if isinstance(v, bytes) else "" for v in values
             )
             state = state if state in STATE_CODE else "closed"
@@ -99,5 +99,6 @@ class RedisBreakerStore:
                 fails=int(fails or 0),
                 remaining_s=remaining / 1000,
                 open_for_s=int(float(open_ms or 0)) / 1000 or self.config.reset_timeout_s,
+                version=int(float(version or 0)),
             )
         return out
