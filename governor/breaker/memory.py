@@ -129,7 +129,10 @@ class LocalBreaker:
         state = self.state
         if state == OPEN or (state == HALF_OPEN and not (admission.probe and current)):
             return  # a late outcome from before the breaker opened: it changes nothing
-        self.tell(verdict is Verdict.SUCCESS)
+        ok = verdict is Verdict.SUCCESS
+        if ok and state == CLOSED and not self.cb.fail_counter:
+            return  # nothing to reset: the common case costs no pybreaker call
+        self.tell(ok)
         if self.state != state:
             self._entered(self.state, state, now)
 

@@ -29,6 +29,8 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from prometheus_client import Counter
+
 from governor.backends import RedisBackend
 from governor.breaker.base import (
     CLOSED,
@@ -83,6 +85,8 @@ class BreakerRegistry:
             RedisBreakerStore(backend, self.config) if isinstance(backend, RedisBackend) else None
         )
         self._breakers: dict[str, LocalBreaker] = {}
+        self._by_model: dict[str, LocalBreaker] = {}
+        self._verdicts: dict[str, dict[Verdict, Counter]] = {}
         self.degraded = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._syncer: asyncio.Task[None] | None = None
@@ -123,11 +127,16 @@ class BreakerRegistry:
     # --- breakers ---------------------------------------------------------------------
 
     def breaker(self, model: ModelSpec) -> LocalBreaker:
-        path = path_of(model)
-        lb = self._breakers.get(path)
-        if lb is None:
-            lb = self._breakers[path] = LocalBreaker(path, self.config, self._changed)
-            self._state.labels(*split_path(path)).set(0)
+        lb = self._by_model.get(model.id)
+        if lb is None or lb.path != path_of(model):
+            path = path_of(model)
+            lb = self._breakers.get(path)
+            if lb is None:
+                lb = self._breakers[path] = LocalBreaker(path, self.config, self._changed)
+                labels = split_path(path)
+                self._state.labels(*labels).set(0)
+                self._verdicts[path] = {v: self._outcomes.labels(*labels, v.value) for v in Verdict}
+            self._by_model[model.id] = lb
         return lb
 
     def _changed(self, lb: LocalBreaker, old: str, new: str) -> None:
@@ -221,7 +230,7 @@ class BreakerRegistry:
     async def settle(self, admission: Admission, verdict: Verdict) -> None:
         """Record how an admitted request ended. Never raises; waits on Redis boundedly."""
         lb = self._breakers[admission.path]
-        self._outcomes.labels(*split_path(lb.path), verdict.value).inc()
+        self._verdicts[lb.path][verdict].inc()
         now = self.clock.monotonic()
         if not admission.shared:
             lb.record(admission, verdict, now)
