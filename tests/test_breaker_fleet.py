@@ -298,3 +298,24 @@ async def test_redis_outage_and_recovery(real_backend: RedisBackend) -> None:
     finally:
         await backend.redis.aclose()
         await proxy.close()
+
+
+async def test_probe_caller_cancelled_while_asking(make_harness: Factory) -> None:
+    """A caller cancelled while asking Redis for a probe lease gives the lease back."""
+    hn = make_harness()
+    await hn.fail(3)
+    await hn.elapse(0.35)
+    lb = hn.breakers.breaker(hn.governor.catalog["gpt-5-5"])
+    task = asyncio.ensure_future(hn.request("ok"))
+    for _ in range(1000):
+        if lb.pending_probes:
+            break
+        await asyncio.sleep(0)
+    assert lb.pending_probes == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await hn.breakers.drain()
+    assert lb.pending_probes == 0
+    assert (await hn.request("ok")).status == 200
+    assert hn.state() == "closed"

@@ -193,7 +193,12 @@ class BreakerRegistry:
         probe_id = uuid.uuid4().hex
         lb.pending_probes += 1
         task = self._spawn(self.store.probe(lb.path, probe_id))
-        done, _ = await asyncio.wait({task}, timeout=self.config.sync_timeout_s)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.config.sync_timeout_s)
+        except asyncio.CancelledError:
+            # The caller is gone: a lease granted for it is given straight back.
+            task.add_done_callback(lambda t: self._release_late_probe(lb, t, probe_id))
+            raise
         if not done:
             # Too slow: decide locally; a lease granted later is given straight back.
             task.add_done_callback(lambda t: self._release_late_probe(lb, t, probe_id))
@@ -210,8 +215,10 @@ class BreakerRegistry:
         if granted:
             return Admission(lb.path, HALF_OPEN, probe=True, shared=True, probe_id=probe_id)
         lb.pending_probes -= 1
-        if snap.forced is not None or snap.state == CLOSED:
+        if snap.forced is not None:
             return lb.admit(now)
+        if snap.state == CLOSED:  # another worker's probes closed it meanwhile
+            return Admission(lb.path, CLOSED, gen=lb.gen, shared=True)
         if snap.state == OPEN:
             return Refusal(OPEN, snap.remaining_s, "open")
         # Every probe place is taken, fleet-wide: ask again after the next sync at most.
