@@ -49,6 +49,7 @@ from starlette.routing import BaseRoute, Route
 
 from examples.forwarder import TARGETS, Forwarder, UpstreamSettings, forwarding_routes
 from governor import Governor, MetricsApp, get_context, load_config, usage_routes, wrap
+from governor.breaker import admin_routes as breaker_routes
 from governor.catalog import ModelSpec
 from governor.config import Config
 from governor.context import Surface, shape_for
@@ -177,6 +178,7 @@ def extra_routes(governor: Governor) -> list[BaseRoute]:
     token = admin_token(governor)
     if token:
         routes += suspension_routes(governor, token=token)
+        routes += breaker_routes(governor, token=token)
     return routes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from governor.backends import Backend, MemoryBackend, RedisBackend
 from governor.billing import BillingMiddleware
+from governor.breaker import BreakerMiddleware
 from governor.catalog import Catalog, ModelSpec
 from governor.clock import Clock, ManualClock, SystemClock
 from governor.config import Config, KeyPolicy, load_config
@@ -29,6 +30,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BillingMiddleware",
+    "BreakerMiddleware",
     "Catalog",
     "Clock",
     "Config",

@@ -93,6 +93,12 @@ class BreakerConfig:
     half_open_probes: int = 1
     count_429: bool = True
     slow_first_byte_s: float | None = None
+    # Redis mode: a probe lease expires after this, so a crashed probe cannot wedge half-open.
+    probe_lease_s: float = 120.0
+    # Redis mode: how often a worker refreshes its cached copy of the shared state.
+    sync_interval_s: float = 0.5
+    # Redis mode: the longest a request waits on Redis; past it the worker decides locally.
+    sync_timeout_s: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)

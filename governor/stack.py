@@ -24,6 +24,7 @@ breaker counts it as neither success nor failure.
 from __future__ import annotations
 
 from governor.billing import BillingMiddleware
+from governor.breaker import BreakerMiddleware
 from governor.fingerprint import FingerprintMiddleware
 from governor.ratelimit import RateGuardMiddleware
 from governor.runtime import Governor
@@ -63,6 +64,8 @@ def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
         app = BillingMiddleware(app, governor=gov)
     if config.ratelimit.enabled:
         app = RateGuardMiddleware(app, governor=gov)
+    if config.breaker.enabled:
+        app = BreakerMiddleware(app, governor=gov)
     if config.fingerprint.enabled:
         app = FingerprintMiddleware(app, governor=gov)
     # Usage logs sit right inside the context, outside every layer that can refuse.

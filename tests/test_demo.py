@@ -677,6 +677,11 @@ async def test_admin_routes_need_the_admin_token(monkeypatch: pytest.MonkeyPatch
     assert ok.status == 200
     denied = await call(app, "GET", "/admin/fingerprint/suspensions")
     assert denied.status == 401
+    forced = await call(
+        app, "POST", "/admin/breakers/gpt-5-5/open", headers={"authorization": "Bearer s3cret"}
+    )
+    assert forced.status == 200
+    assert (await call(app, "POST", "/admin/breakers/gpt-5-5/open")).status == 401
 
 
 def test_admin_routes_absent_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
