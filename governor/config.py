@@ -99,6 +99,9 @@ class BreakerConfig:
     sync_interval_s: float = 0.5
     # Redis mode: the longest a request waits on Redis; past it the worker decides locally.
     sync_timeout_s: float = 0.1
+    # Redis unreachable: "open" keeps breaking locally per worker from the last shared
+    # state seen; "closed" refuses with 503/529 until the shared state answers again.
+    fail_mode: FailMode = "open"
 
 
 @dataclasses.dataclass(frozen=True)

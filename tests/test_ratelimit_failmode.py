@@ -52,7 +52,7 @@ async def test_fail_open_admits_a_fair_share(dead_backend: RedisBackend) -> None
     mw = make(app, dead_backend, config)
     results = [await post(mw, chat()) for _ in range(3)]
     assert [r.status for r in results] == [200, 200, 429]
-    assert all(r.header("X-Hypereal-Managed-Degraded") == "true" for r in results)
+    assert all(r.header("X-Hypereal-Managed-Degraded") == "ratelimit" for r in results)
     assert results[0].header("X-Hypereal-Managed-Model-RPM-Limit") == "2"
     assert results[0].header("X-Hypereal-Managed-Model-RPM-Remaining") == "1"
     assert app.degraded == [True, True]
@@ -91,7 +91,7 @@ async def test_fail_closed_refuses(
     mw = make(app, dead_backend, config)
     r = await post(mw, body, MESSAGES if path == MESSAGES else "/v1/managed/chat/completions")
     assert r.status == status
-    assert r.header("X-Hypereal-Managed-Degraded") == "true"
+    assert r.header("X-Hypereal-Managed-Degraded") == "ratelimit"
     assert r.header("x-should-retry") == "true"
     assert r.header("retry-after") == "1"
     assert app.calls == []

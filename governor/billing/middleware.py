@@ -45,6 +45,7 @@ from governor.billing.memory import MemoryLedger
 from governor.billing.pricing import credits_for, estimate_usage
 from governor.billing.redis import RedisLedger
 from governor.context import RequestContext, Surface
+from governor.degraded import degraded_for
 from governor.errors import BackendError, Overloaded, RateLimited, Shape
 from governor.response import MAX_BUFFERED_BODY, Outcome
 from governor.runtime import Governor
@@ -88,6 +89,62 @@ def spawn(coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
 async def shielded(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run *coro* to the end even if the caller is cancelled while awaiting it."""
     return await asyncio.shield(spawn(coro))
+
+
+class SettleRetries:
+    """Settlements that failed on a ledger error, retried until it answers again.
+
+    Backoff from 50 ms to 2 s, for at most the reservation lease (after which the lease
+    has released the hold). Closing the governor cancels what is still pending.
+    """
+
+    def __init__(self, governor: Governor, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.lease_s = governor.config.billing.reservation_ttl_s
+        self.tasks: set[asyncio.Task[None]] = set()
+        m = governor.metrics
+        self.m_retried = m.counter(
+            "billing_settle_retries",
+            "Settlements retried after a ledger error, by result.",
+            ("result",),
+        )
+        self.degraded = degraded_for(governor)
+
+    def start(self, reservation: Reservation, actual: int, limits: Limits) -> None:
+        task = asyncio.ensure_future(self._run(reservation, actual, limits))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, reservation: Reservation, actual: int, limits: Limits) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_s
+        delay = 0.05
+        while loop.time() + delay < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self.ledger.settle(reservation, actual, limits)
+            except BackendError:
+                delay = min(delay * 2, 2.0)
+                continue
+            self.degraded.healthy("billing")
+            self.m_retried.labels("settled").inc()
+            return
+        self.m_retried.labels("expired").inc()
+
+    async def drain(self) -> None:
+        """Wait for every pending retry (tests; a graceful shutdown)."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+
+def retries_for(governor: Governor, ledger: Ledger) -> SettleRetries:
+    """The settlement retries of *governor*."""
+    return governor.shared("billing.retries", lambda: SettleRetries(governor, ledger))
 
 
 class QuotaExceeded(RateLimited):
@@ -160,6 +217,8 @@ class BillingMiddleware:
         self.m_errors = m.counter(
             "billing_backend_errors", "Ledger operations that failed.", ("operation",)
         )
+        self.degraded = degraded_for(gov)
+        self.retries = retries_for(gov, self.ledger)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -214,6 +273,7 @@ class _Billed:
             )
         except BackendError:
             mw.m_errors.labels("reserve").inc()
+            mw.degraded.mark(ctx, "billing", cfg.fail_mode)
             if cfg.fail_mode == "closed":
                 # Money is at stake: without the ledger nothing is admitted.
                 await mw.governor.refuse(
@@ -230,6 +290,7 @@ class _Billed:
             ctx.notes["billing"] = "unbilled"
             await mw.app(scope, receive, self.downstream)
             return
+        mw.degraded.healthy("billing")
         if isinstance(result, Refusal):
             mw.m_refusals.labels(result.reason).inc()
             ctx.notes["billing_refusal"] = result.reason
@@ -349,9 +410,13 @@ class _Billed:
         try:
             settlement: Settlement = await mw.ledger.settle(reservation, actual, self.limits)
         except BackendError:
-            # The hold is released when its lease ends; this request goes unbilled.
+            # Retried in the background until the ledger answers (settlements are
+            # idempotent: a lost reply is never charged twice); past the lease the
+            # hold is released by the lease and the request goes unbilled.
             mw.m_errors.labels("settle").inc()
-            ctx.notes["billing"] = "unsettled"
+            mw.degraded.mark(ctx, "billing", "retry")
+            ctx.notes["billing"] = "settle_retrying"
+            mw.retries.start(reservation, actual, self.limits)
             return
         charged = settlement.charged
         ctx.notes["credits_charged"] = charged

@@ -7,6 +7,12 @@ script touches one cluster slot)::
     <prefix>:bill:{<account>}:key:<key_id>  hash  life, h_id, h, d_id, d
     <prefix>:bill:{<account>}:res           zset  "<id>|<key_id>|<amount>|<hour>|<day>"
                                                   scored by lease expiry (ms)
+    <prefix>:bill:{<account>}:done          hash  <id> -> "charge|before|after" (settled)
+    <prefix>:bill:{<account>}:done_at       zset  <id> scored by when to forget it (ms)
+
+``done`` makes a settlement idempotent: one retried after its reply was lost (Redis cut
+mid-call) returns the first result instead of charging twice. Ids are remembered for
+twice the lease, the longest a retry runs.
 """
 
 from __future__ import annotations
@@ -80,9 +86,15 @@ class RedisLedger:
     async def settle(self, reservation: Reservation, actual: int, limits: Limits) -> Settlement:
         r = reservation
         member = f"{r.id}|{r.key_id}|{r.amount}|{r.hour}|{r.day}"
+        tag = _tag(r.account)
+        keys = [
+            *self._keys(r.account, r.key_id),
+            self._backend.key("bill", tag, "done"),
+            self._backend.key("bill", tag, "done_at"),
+        ]
         charged, before, after = await self._backend.run(
             self._settle,
-            self._keys(r.account, r.key_id),
+            keys,
             [
                 member,
                 r.amount,
@@ -92,6 +104,8 @@ class RedisLedger:
                 _limit(limits.spending_limit),
                 _limit(limits.hourly_budget),
                 _limit(limits.daily_budget),
+                r.id,
+                2 * self._lease_ms,
             ],
         )
         return Settlement(int(charged), int(before), int(after))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from governor import headers as h
-from governor.breaker.base import Refusal, classify
+from governor.breaker.base import Refusal, Verdict, classify
 from governor.breaker.registry import BreakerRegistry, breakers_for
 from governor.config import BreakerConfig
+from governor.degraded import degraded_for
 from governor.errors import Overloaded
 from governor.runtime import Governor
 from governor.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +36,7 @@ class BreakerMiddleware:
         self.governor = governor if governor is not None else Governor()
         self.breakers: BreakerRegistry = breakers_for(self.governor, config)
         self.config = self.breakers.config
+        self.degraded = degraded_for(self.governor)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -51,6 +53,27 @@ class BreakerMiddleware:
             await self.app(scope, receive, send)
             return
         decision = await self.breakers.admit(ctx.model)
+        if decision.degraded:
+            mode = self.config.fail_mode
+            self.degraded.mark(ctx, "breaker", mode)
+            if mode == "closed":
+                # Fail closed: without the fleet's shared circuit state nothing passes.
+                await self.governor.refuse(
+                    ctx,
+                    send,
+                    Overloaded(
+                        "The circuit breaker cannot reach its shared state; try again shortly.",
+                        retry_after=1,
+                        headers=[_DEGRADED],
+                        reason="breaker_unavailable",
+                    ),
+                )
+                if not isinstance(decision, Refusal):
+                    # A refusal is neutral: a probe lease taken is given back.
+                    await self.breakers.settle(decision, Verdict.NEUTRAL)
+                return
+        elif self.breakers.store is not None:
+            self.degraded.healthy("breaker")
         if isinstance(decision, Refusal):
             await self.governor.refuse(ctx, send, _refusal(ctx.model_id, decision))
             return

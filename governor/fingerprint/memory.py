@@ -24,6 +24,10 @@ class MemoryFingerprintStore:
         self._seen: OrderedDict[str, dict[str, dict[str, float]]] = OrderedDict()
         self._bodies: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
+    async def epoch(self) -> str:
+        """Memory never loses its data behind this process's back."""
+        return "memory"
+
     async def suspension(self, key_id: str) -> Suspension | None:
         return self._suspended.get(key_id)
 

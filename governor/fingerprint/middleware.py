@@ -22,6 +22,7 @@ from urllib.parse import unquote
 from governor.catalog import Catalog, ModelSpec, Upstream
 from governor.config import FingerprintConfig
 from governor.context import ROUTES, RequestContext, Surface, lookup_model, normalise_path
+from governor.degraded import degraded_for
 from governor.errors import BackendError, NotFound, Overloaded, PermissionDenied, send_error
 from governor.fingerprint.checks import Finding, Inspection, Inspector, header_map
 from governor.fingerprint.memory import MemoryFingerprintStore
@@ -147,6 +148,9 @@ class FingerprintMiddleware:
         self.store: FingerprintStore = store_for(self.governor.backend, self.governor.clock)
         # Redis down (fail open): strikes and suspensions of this worker, synced back later.
         self._fallback = MemoryFingerprintStore(self.governor.clock)
+        # The store's epoch when this worker cached each suspension (see _suspension).
+        self._epochs: dict[str, str] = {}
+        self.degraded = degraded_for(self.governor)
         c = self.config
         self._windows = Windows(
             c.device_window_s,
@@ -200,7 +204,7 @@ class FingerprintMiddleware:
             return
         # A suspended key is refused everywhere: every model, every governed path.
         try:
-            suspension = await self._suspension(ctx.key_id)
+            suspension = await self._suspension(ctx.key_id, ctx)
         except BackendError:
             await self._refuse_unavailable(ctx, send, "suspension")
             return
@@ -249,7 +253,7 @@ class FingerprintMiddleware:
                 model=ctx.model_id.strip()[:100],
                 request_id=ctx.request_id,
             )
-            strikes, suspended = await self._strike(record)
+            strikes, suspended = await self._strike(record, ctx)
             decision.strikes = strikes
             decision.verdict = Verdict.SUSPEND if suspended else Verdict.BLOCK
         elif reasons:
@@ -281,6 +285,7 @@ class FingerprintMiddleware:
                 seen, first = await observe, None
         except BackendError:
             self._backend_errors.labels("behaviour").inc()
+            self.degraded.mark(ctx, "fingerprint", c.fail_mode)
             if c.fail_mode == "closed":
                 raise
             log.warning("fingerprint behaviour checks skipped: backend unavailable")
@@ -299,15 +304,19 @@ class FingerprintMiddleware:
 
     # --- state, with the fail mode ------------------------------------------------------
 
-    async def _suspension(self, key_id: str) -> Suspension | None:
+    async def _suspension(
+        self, key_id: str, ctx: RequestContext | None = None
+    ) -> Suspension | None:
         try:
             found = await self.store.suspension(key_id)
         except BackendError:
             self._backend_errors.labels("suspension").inc()
+            self.degraded.mark(ctx, "fingerprint", self.config.fail_mode)
             if self.config.fail_mode == "closed":
                 raise
             # Fail open: what this worker knows (suspensions it made or saw).
             return await self._fallback.suspension(key_id)
+        self.degraded.healthy("fingerprint")
         local = await self._fallback.suspension(key_id)
         if found is None and local is not None and local.by == "fingerprint-offline":
             # Made while Redis was down: persist it now that Redis answers.
@@ -317,13 +326,26 @@ class FingerprintMiddleware:
                 return local
             await self._fallback.lift(key_id)
             return local
-        if found is not None and local is None:
-            await self._fallback.suspend(found)
-        elif found is None and local is not None:
-            await self._fallback.lift(key_id)  # lifted by an operator
+        try:
+            if found is not None and local is None:
+                await self._fallback.suspend(found)
+                self._epochs[key_id] = await self.store.epoch()
+            elif found is None and local is not None:
+                if await self.store.epoch() != self._epochs.get(key_id):
+                    # Redis lost its data (flushed, restarted empty), not an operator's
+                    # lift: write the suspension back rather than forget it.
+                    await self.store.suspend(local)
+                    self._epochs[key_id] = await self.store.epoch()
+                    return local
+                await self._fallback.lift(key_id)  # lifted by an operator
+                self._epochs.pop(key_id, None)
+        except BackendError:
+            return found if found is not None else local
         return found
 
-    async def _strike(self, record: Suspension) -> tuple[int, bool]:
+    async def _strike(
+        self, record: Suspension, ctx: RequestContext | None = None
+    ) -> tuple[int, bool]:
         c = self.config
         try:
             return await self.store.strike(
@@ -331,6 +353,8 @@ class FingerprintMiddleware:
             )
         except BackendError:
             self._backend_errors.labels("strike").inc()
+            # Kept locally whatever the fail mode: a violation is never forgotten.
+            self.degraded.mark(ctx, "fingerprint", "open")
             log.error("fingerprint strike kept locally: backend down (key=%s)", record.key_id)
             offline = dataclasses.replace(record, by="fingerprint-offline")
             return await self._fallback.strike(

@@ -7,9 +7,14 @@ touches one slot):
 - ``gov:fp:{key_x}:strikes``   strike counter, TTL ``strike_ttl_s``
 - ``gov:fp:{key_x}:dev|ses|addr``  sorted sets member -> last seen ms, TTL = window
 - ``gov:fp:replay:<sha256>``   first sender of a body, TTL ``replay_window_s``
+- ``gov:fp:epoch``             a random token naming this generation of the data: a
+  worker that finds it changed knows Redis lost its data (flush, restart without
+  persistence) and writes back the suspensions it holds (docs/reliability.md)
 """
 
 from __future__ import annotations
+
+import uuid
 
 from governor.backends import RedisBackend, map_redis_errors
 from governor.fingerprint.store import Seen, Suspension, Windows
@@ -23,6 +28,14 @@ class RedisFingerprintStore:
         self._strike = backend.script(__package__, "strike.lua")
         self._observe = backend.script(__package__, "observe.lua")
         self._replay = backend.script(__package__, "replay.lua")
+
+    async def epoch(self) -> str:
+        """The token of the current generation of the data (made if missing)."""
+        key = self.backend.key("fp", "epoch")
+        with map_redis_errors("fingerprint"):
+            await self.backend.redis.set(key, uuid.uuid4().hex, nx=True)
+            value = await self.backend.redis.get(key)
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     def _k(self, key_id: str, what: str) -> str:
         return self.backend.key("fp", "{" + key_id + "}", what)

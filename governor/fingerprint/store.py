@@ -71,6 +71,10 @@ class Seen:
 class FingerprintStore(Protocol):
     """Where suspensions, strikes and behaviour live."""
 
+    async def epoch(self) -> str:
+        """A token that changes when the store lost its data (Redis flushed or restarted)."""
+        ...
+
     async def suspension(self, key_id: str) -> Suspension | None:
         """The key's suspension, if it is suspended."""
         ...

@@ -11,6 +11,7 @@ from prometheus_client import Counter
 from governor import headers as h
 from governor.backends import Backend, RedisBackend
 from governor.context import RequestContext
+from governor.degraded import degraded_for
 from governor.errors import (
     BackendError,
     ConfigurationError,
@@ -44,7 +45,7 @@ log = logging.getLogger("governor.ratelimit")
 # paying a connect timeout on every request.
 BACKEND_RETRY_S = 1.0
 
-_DEGRADED = h.header(h.DEGRADED, "true")
+_DEGRADED = h.header(h.DEGRADED, "ratelimit")
 _RPM_LIMIT = h.wire(h.RPM_LIMIT)
 _RPM_REMAINING = h.wire(h.RPM_REMAINING)
 _CAPACITY = h.wire(h.CAPACITY_REQUESTS_REMAINING)
@@ -137,6 +138,7 @@ class RateGuardMiddleware:
         shared, self.fallback = _stores(self.governor.backend, self.settings.fallback_workers)
         self.store: RateStore = store if store is not None else shared
         self._skip_store_until = -math.inf
+        self.degraded = degraded_for(self.governor)
         metrics = self.governor.metrics
         self._hits = metrics.counter(
             "ratelimit_hits", "Rate guard hits admitted, by guard and model.", ("guard", "model")
@@ -213,13 +215,14 @@ class RateGuardMiddleware:
         if self.governor.clock.monotonic() >= self._skip_store_until:
             try:
                 decision = await store.acquire(request.hits)
+                self.degraded.healthy("ratelimit")
             except BackendError as exc:
                 log.warning("rate store down, fail_mode=%s: %s", self.settings.fail_mode, exc)
                 self._store_errors.labels("acquire").inc()
                 self._skip_store_until = self.governor.clock.monotonic() + BACKEND_RETRY_S
         if decision is None:
             degraded = True
-            ctx.notes["degraded"] = True
+            self.degraded.mark(ctx, "ratelimit", self.settings.fail_mode)
             self._degraded.labels(self.settings.fail_mode).inc()
             if self.settings.fail_mode == "closed":
                 # Fail closed: without the shared counters nothing is admitted.

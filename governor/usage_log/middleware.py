@@ -13,6 +13,7 @@ import logging
 
 from governor.billing.middleware import shielded
 from governor.context import RequestContext, Surface
+from governor.degraded import degraded_for
 from governor.runtime import Governor
 from governor.types import ASGIApp, Receive, Scope, Send
 from governor.usage_log.records import build_record
@@ -38,6 +39,7 @@ class UsageLogMiddleware:
             "usage_records", "Usage records written, by outcome.", ("outcome",)
         )
         self.m_dropped = m.counter("usage_records_dropped", "Usage records the sink refused.")
+        self.degraded = degraded_for(self.governor)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,3 +79,10 @@ class UsageLogMiddleware:
             log.warning("usage record of %s dropped", ctx.request_id, exc_info=True)
             return
         self.m_records.labels(outcome.value).inc()
+        pending = getattr(self.sink, "pending", None)
+        if pending is not None:
+            # Records waiting for Redis in the sink's backlog (docs/reliability.md).
+            if pending:
+                self.degraded.mark(None, "usage", "buffered")
+            else:
+                self.degraded.healthy("usage")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from governor.backends import RedisBackend, map_redis_errors
-from governor.errors import ConfigurationError
+from governor.errors import BackendError, ConfigurationError
 from governor.runtime import Governor
 from governor.usage_log.records import UsageRecord
 
@@ -104,28 +104,71 @@ class RedisStreamSink:
     :meth:`recent`. Each entry has one field, ``r``: the record as JSON."""
 
     def __init__(
-        self, backend: RedisBackend, *, maxlen: int = 100_000, key_maxlen: int = 1_000
+        self,
+        backend: RedisBackend,
+        *,
+        maxlen: int = 100_000,
+        key_maxlen: int = 1_000,
+        backlog: int = 10_000,
     ) -> None:
         self._backend = backend
         self._all = backend.key("usage")
         self._maxlen = maxlen
         self._key_maxlen = key_maxlen
+        # Records not yet in Redis (it was down): kept, within a bound, in order.
+        self._backlog: collections.deque[tuple[str, str]] = collections.deque()
+        self._backlog_max = backlog
+        self._flushing = False
+        self._dropped = 0
 
     def key_stream(self, key_id: str) -> str:
         return self._backend.key("usage", "key", key_id)
 
     async def write(self, record: UsageRecord) -> None:
+        """Append *record*; with Redis down it waits in a bounded local backlog, written
+        (oldest first) with the next record that goes through. Raises BackendError only
+        when the backlog is full and its oldest record had to be dropped."""
         data = json.dumps(record.as_json(), separators=(",", ":"))
-        with map_redis_errors("usage"):
-            pipe = self._backend.redis.pipeline(transaction=False)
-            pipe.xadd(self._all, {"r": data}, maxlen=self._maxlen, approximate=True)
-            pipe.xadd(
-                self.key_stream(record.key_id),
-                {"r": data},
-                maxlen=self._key_maxlen,
-                approximate=True,
-            )
-            await pipe.execute()
+        if len(self._backlog) >= self._backlog_max:
+            self._backlog.popleft()
+            self._dropped += 1
+        self._backlog.append((record.key_id, data))
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the backlog; keep it (and raise nothing) while Redis is down."""
+        if self._flushing:
+            return  # one writer at a time keeps the streams in order
+        self._flushing = True
+        try:
+            while self._backlog:
+                batch = list(self._backlog)[:500]
+                try:
+                    with map_redis_errors("usage"):
+                        pipe = self._backend.redis.pipeline(transaction=False)
+                        for key_id, data in batch:
+                            pipe.xadd(self._all, {"r": data}, maxlen=self._maxlen, approximate=True)
+                            pipe.xadd(
+                                self.key_stream(key_id),
+                                {"r": data},
+                                maxlen=self._key_maxlen,
+                                approximate=True,
+                            )
+                        await pipe.execute()
+                except BackendError:
+                    if self._dropped:
+                        self._dropped = 0
+                        raise
+                    return
+                for _ in batch:
+                    self._backlog.popleft()
+        finally:
+            self._flushing = False
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for Redis."""
+        return len(self._backlog)
 
     async def recent(self, key_id: str, limit: int) -> list[UsageRecord]:
         with map_redis_errors("usage"):
