@@ -22,6 +22,9 @@ from governor.backends import Backend, MemoryBackend, RedisBackend
 from governor.clock import ManualClock
 from governor.config import RedisConfig
 
+# The fault table's recorder and --faults-report (docs/faults.md).
+pytest_plugins = ("tests.faults_report",)
+
 REDIS_URL = os.environ.get("GOVERNOR_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_REDIS = os.environ.get("GOVERNOR_REQUIRE_REDIS") == "1"
 

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Protocol
 
 from governor.config import KeyPolicy
+from governor.errors import BackendError
 
 HOUR = 3_600
 DAY = 86_400
@@ -78,6 +79,18 @@ class KeySpend:
     lifetime: int
     hour: int
     day: int
+
+
+class ReserveUnknown(BackendError):
+    """A reservation whose outcome is unknown (Redis failed or timed out mid-call): it
+    may hold credits. The ledger's ``cancel(account, key_id, reservation_id)`` releases
+    it if it exists and keeps a late copy of the call from holding anything."""
+
+    def __init__(self, message: str, account: str, key_id: str, reservation_id: str) -> None:
+        super().__init__(message)
+        self.account = account
+        self.key_id = key_id
+        self.reservation_id = reservation_id
 
 
 class Ledger(Protocol):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from governor import headers as h
@@ -39,6 +39,7 @@ from governor.billing.base import (
     Limits,
     Refusal,
     Reservation,
+    ReserveUnknown,
     Settlement,
 )
 from governor.billing.memory import MemoryLedger
@@ -92,7 +93,8 @@ async def shielded(coro: Coroutine[Any, Any, _T]) -> _T:
 
 
 class SettleRetries:
-    """Settlements that failed on a ledger error, retried until it answers again.
+    """Settlements (and cancellations of reservations whose reply was lost) that failed
+    on a ledger error, retried until the ledger answers again.
 
     Backoff from 50 ms to 2 s, for at most the reservation lease (after which the lease
     has released the hold). Closing the governor cancels what is still pending.
@@ -111,23 +113,36 @@ class SettleRetries:
         self.degraded = degraded_for(governor)
 
     def start(self, reservation: Reservation, actual: int, limits: Limits) -> None:
-        task = asyncio.ensure_future(self._run(reservation, actual, limits))
+        """Retry settling *reservation* to *actual* credits."""
+        self._spawn(lambda: self.ledger.settle(reservation, actual, limits), "settled")
+
+    def cancel(self, unknown: ReserveUnknown) -> None:
+        """Cancel a reservation whose reserve call may or may not have run."""
+        cancel = getattr(self.ledger, "cancel", None)
+        if cancel is None:
+            return
+        self._spawn(
+            lambda: cancel(unknown.account, unknown.key_id, unknown.reservation_id), "cancelled"
+        )
+
+    def _spawn(self, call: Callable[[], Awaitable[object]], result: str) -> None:
+        task = asyncio.ensure_future(self._run(call, result))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, reservation: Reservation, actual: int, limits: Limits) -> None:
+    async def _run(self, call: Callable[[], Awaitable[object]], result: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lease_s
         delay = 0.05
         while loop.time() + delay < deadline:
             await asyncio.sleep(delay)
             try:
-                await self.ledger.settle(reservation, actual, limits)
+                await call()
             except BackendError:
                 delay = min(delay * 2, 2.0)
                 continue
             self.degraded.healthy("billing")
-            self.m_retried.labels("settled").inc()
+            self.m_retried.labels(result).inc()
             return
         self.m_retried.labels("expired").inc()
 
@@ -271,9 +286,12 @@ class _Billed:
                 self.estimate,
                 self.limits,
             )
-        except BackendError:
+        except BackendError as unknown:
             mw.m_errors.labels("reserve").inc()
             mw.degraded.mark(ctx, "billing", cfg.fail_mode)
+            if isinstance(unknown, ReserveUnknown):
+                # The script may have run and hold credits: release them by id.
+                mw.retries.cancel(unknown)
             if cfg.fail_mode == "closed":
                 # Money is at stake: without the ledger nothing is admitted.
                 await mw.governor.refuse(

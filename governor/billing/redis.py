@@ -21,7 +21,15 @@ import uuid
 from typing import Any
 
 from governor.backends import RedisBackend, map_redis_errors
-from governor.billing.base import KeySpend, Limits, Refusal, Reservation, Settlement
+from governor.billing.base import (
+    KeySpend,
+    Limits,
+    Refusal,
+    Reservation,
+    ReserveUnknown,
+    Settlement,
+)
+from governor.errors import BackendError
 
 
 def _tag(account: str) -> str:
@@ -45,6 +53,7 @@ class RedisLedger:
         self._lease_ms = int(lease_s * 1000)
         self._reserve = backend.script(__package__, "reserve.lua")
         self._settle = backend.script(__package__, "settle.lua")
+        self._cancel = backend.script(__package__, "cancel.lua")
 
     def _keys(self, account: str, key_id: str) -> list[str]:
         tag = _tag(account)
@@ -61,21 +70,26 @@ class RedisLedger:
         rid = uuid.uuid4().hex[:16]
         keys = self._keys(account, key_id)
         key_prefix = self._backend.key("bill", _tag(account), "key", "")
-        reply = await self._backend.run(
-            self._reserve,
-            keys,
-            [
-                opening,
-                amount,
-                rid,
-                key_id,
-                self._lease_ms,
-                _limit(limits.spending_limit),
-                _limit(limits.hourly_budget),
-                _limit(limits.daily_budget),
-                key_prefix,
-            ],
-        )
+        keys.append(self._backend.key("bill", _tag(account), "done"))
+        try:
+            reply = await self._backend.run(
+                self._reserve,
+                keys,
+                [
+                    opening,
+                    amount,
+                    rid,
+                    key_id,
+                    self._lease_ms,
+                    _limit(limits.spending_limit),
+                    _limit(limits.hourly_budget),
+                    _limit(limits.daily_budget),
+                    key_prefix,
+                ],
+            )
+        except BackendError as exc:
+            # The script may have run: the caller cancels it by id (cancel()).
+            raise ReserveUnknown(str(exc), account, key_id, rid) from exc
         ok, reason, available, reset_ms, hour, day = reply
         if not int(ok):
             name = reason.decode() if isinstance(reason, bytes) else str(reason)
@@ -109,6 +123,22 @@ class RedisLedger:
             ],
         )
         return Settlement(int(charged), int(before), int(after))
+
+    async def cancel(self, account: str, key_id: str, reservation_id: str) -> bool:
+        """Release reservation *reservation_id* if it holds anything, and remember it as
+        settled so that a late copy of its reserve call holds nothing. True if released."""
+        tag = _tag(account)
+        b = self._backend
+        released = await b.run(
+            self._cancel,
+            [
+                *self._keys(account, key_id),
+                b.key("bill", tag, "done"),
+                b.key("bill", tag, "done_at"),
+            ],
+            [reservation_id, 2 * self._lease_ms, b.key("bill", tag, "key", "")],
+        )
+        return bool(int(released))
 
     async def compensate(self, account: str, credits: int) -> int:
         key = self._backend.key("bill", _tag(account), "acct")
