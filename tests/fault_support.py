@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -114,7 +113,11 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
             stopped.set()
 
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, receive, send))
+
+    async def run() -> None:
+        await app(scope, receive, send)
+
+    task = asyncio.create_task(run())
     await inbox.put({"type": "lifespan.startup"})
     await started.wait()
     try:
@@ -155,9 +158,7 @@ class Stack:
             )
         hdrs.update(headers or {})
         data = raw if raw is not None else json.dumps(body if body is not None else {}).encode()
-        return await asgi_call(
-            self.app, method, path, hdrs, data, disconnect=disconnect, gone=gone
-        )
+        return await asgi_call(self.app, method, path, hdrs, data, disconnect=disconnect, gone=gone)
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
@@ -210,7 +211,9 @@ async def full_stack(
     gov = Governor(config or make_config(), backend=backend, registry=registry)
     mock = MockUpstream()
     async with contextlib.AsyncExitStack() as stack:
-        url = upstream_url or await stack.enter_async_context(serve(mock))
+        url = upstream_url
+        if url is None:
+            url = await stack.enter_async_context(serve(mock))
         upstream = UpstreamSettings.for_root(
             url, openai_key="sk-up", anthropic_key="sk-ant-up", read_timeout_s=read_timeout_s
         )
@@ -319,29 +322,27 @@ class RedisServer:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.proc = await asyncio.create_subprocess_exec(
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         client: Redis = Redis.from_url(self.url, socket_connect_timeout=0.2)
         try:
@@ -355,11 +356,12 @@ class RedisServer:
         finally:
             await client.aclose()
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         """SIGKILL: a crash, every connection cut, all data lost."""
         if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
+            if self.proc.returncode is None:
+                self.proc.kill()
+            await self.proc.wait()
             self.proc = None
 
     async def __aenter__(self) -> RedisServer:
@@ -367,7 +369,7 @@ class RedisServer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.kill()
+        await self.kill()
 
 
 def env_flag(name: str) -> bool:

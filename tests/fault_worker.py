@@ -26,7 +26,9 @@ async def main(url: str, prefix: str, lease_s: float) -> None:
             return False
 
         slow = {"x-mock-chunk-delay-ms": "5000", "x-mock-chunks": "8"}
-        task = asyncio.create_task(stack.call(CHAT, chat(stream=True), headers=slow, disconnect=seen))
+        task = asyncio.create_task(
+            stack.call(CHAT, chat(stream=True), headers=slow, disconnect=seen)
+        )
         await started.wait()
         print("HOLDING", flush=True)
         await task  # never ends before the SIGKILL

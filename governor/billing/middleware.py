@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from governor import headers as h
 from governor import usage as usage_mod
+from governor.aio import finish
 from governor.backends import RedisBackend
 from governor.billing import insurance as ins
 from governor.billing.base import (
@@ -56,7 +57,6 @@ from governor.usage import Usage
 _T = TypeVar("_T")
 _UNBILLED = frozenset({Surface.COUNT_TOKENS, Surface.MODELS})
 # Strong references to settlements running on after their request was cancelled.
-_BACKGROUND: set[asyncio.Task[Any]] = set()
 
 
 def ledger_for(governor: Governor) -> Ledger:
@@ -77,19 +77,6 @@ def opening_balance(governor: Governor, account: str) -> int:
     if entry is not None and entry.balance is not None:
         return entry.balance
     return governor.config.billing.default_balance
-
-
-def spawn(coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-    """*coro* as a task kept alive until it ends, even if its request is gone."""
-    task = asyncio.ensure_future(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-    return task
-
-
-async def shielded(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run *coro* to the end even if the caller is cancelled while awaiting it."""
-    return await asyncio.shield(spawn(coro))
 
 
 class SettleRetries:
@@ -263,8 +250,13 @@ class _Billed:
         self.reservation: Reservation | None = None
         self.held_start: Message | None = None
         self.buffer = bytearray()
-        self.task: asyncio.Task[None] | None = None
+        # Set once settlement has begun (at the end of a held JSON body, or after the app).
+        self.settling = False
         self.payload: Any = None
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        # Settlement waits on the ledger: the usage log (outside) waits for its credits.
+        self.ctx.notes["billing_task"] = task
 
     # --- admission ----------------------------------------------------------------
 
@@ -323,10 +315,9 @@ class _Billed:
             exc = e
             raise
         finally:
-            if self.task is None:
-                self.task = spawn(self._finish_after(exc))
-                ctx.notes["billing_task"] = self.task
-            await asyncio.shield(self.task)
+            if not self.settling:
+                self.settling = True
+                await finish(self._finish_after(exc), on_task=self._keep)
 
     # --- the response ---------------------------------------------------------------
 
@@ -367,9 +358,8 @@ class _Billed:
             return
         if more:
             return
-        self.task = spawn(self._finish_json())
-        self.ctx.notes["billing_task"] = self.task
-        await asyncio.shield(self.task)
+        self.settling = True
+        await finish(self._finish_json(), on_task=self._keep)
         start, body = self._rewritten()
         await self.downstream(start)
         await self.downstream({"type": "http.response.body", "body": body, "more_body": False})

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 
 from prometheus_client import Counter
 
 from governor import headers as h
+from governor.aio import finish
 from governor.backends import Backend, RedisBackend
 from governor.context import RequestContext
 from governor.degraded import degraded_for
@@ -264,7 +264,7 @@ class RateGuardMiddleware:
             raise
         finally:
             # Shielded: a cancelled request still gives back or settles what it took.
-            await asyncio.shield(self._settle(ctx, request, decision, store, error))
+            await finish(self._settle(ctx, request, decision, store, error))
 
     async def _settle(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from governor.billing.middleware import shielded
+from governor.aio import finish
 from governor.context import RequestContext, Surface
 from governor.degraded import degraded_for
 from governor.runtime import Governor
@@ -59,7 +59,7 @@ class UsageLogMiddleware:
             exc = e
             raise
         finally:
-            await shielded(self._record(ctx, exc))
+            await finish(self._record(ctx, exc))
 
     async def _record(self, ctx: RequestContext, exc: BaseException | None) -> None:
         billing = ctx.notes.get("billing_task")
