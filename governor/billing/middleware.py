@@ -389,7 +389,12 @@ class _Billed:
         except ValueError:
             payload = None
         self.payload = payload
-        await self._settle(True, usage_mod.from_body(payload), self.mw.governor.clock.monotonic())
+        # A 2xx "JSON" body that does not parse is a failed request: not charged.
+        await self._settle(
+            payload is not None,
+            usage_mod.from_body(payload),
+            self.mw.governor.clock.monotonic(),
+        )
 
     async def _finish_after(self, exc: BaseException | None) -> None:
         ctx = self.ctx
