@@ -205,11 +205,13 @@ async def full_stack(
     backend: Any = None,
     read_timeout_s: float = 30.0,
     upstream_url: str | None = None,
+    keep: int = 1_000,
 ) -> AsyncIterator[Stack]:
-    """The demo gateway over *config* (default: memory) in front of an in-process mock."""
+    """The demo gateway over *config* (default: memory) in front of an in-process mock
+    (remembering its last *keep* requests)."""
     registry = CollectorRegistry()
     gov = Governor(config or make_config(), backend=backend, registry=registry)
-    mock = MockUpstream()
+    mock = MockUpstream(keep=keep)
     async with contextlib.AsyncExitStack() as stack:
         url = upstream_url
         if url is None:
@@ -268,7 +270,7 @@ def error_shape(result: Result, path: str) -> str | None:
         data = json.loads(result.body)
     except ValueError:
         return f"not JSON: {result.body[:100]!r}"
-    anthropic = path.rstrip("/").split("?")[0].startswith(("/v1/messages", "//v1/messages"))
+    anthropic = "/messages" in path
     if anthropic:
         ok = (
             isinstance(data, dict)
