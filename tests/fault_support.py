@@ -233,10 +233,11 @@ async def asgi_call(
     *,
     disconnect: Callable[[list[Message]], bool] | None = None,
     gone: asyncio.Event | None = None,
+    scope: dict[str, Any] | None = None,
 ) -> Result:
     """Like tests.helpers.call, with a client that can leave mid-response (sends after
-    it left raise OSError, as uvicorn's do)."""
-    scope = make_scope(method, path, headers)
+    it left raise OSError, as uvicorn's do). *scope* replaces the one built here."""
+    scope = scope if scope is not None else make_scope(method, path, headers)
     left = gone if gone is not None else asyncio.Event()
     sent_body = False
     messages: list[Message] = []
