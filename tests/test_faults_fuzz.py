@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -107,13 +107,13 @@ async def _every_surface(stack: Stack) -> list[Result]:
 
 
 async def _redis_dump(redis: Redis, prefix: str) -> list[bytes]:
-    """Every key and value written under *prefix*."""
-    out: list[bytes] = []
+    """Every key and value written under *prefix* (as bytes)."""
+    out: list[Any] = []
     async for key in redis.scan_iter(match=f"{prefix}:*", count=500):
         out.append(key)
         kind = (await redis.type(key)).decode()
         if kind == "string":
-            out.append(await redis.get(key) or b"")
+            out.append(await redis.get(key))
         elif kind == "hash":
             for k, v in (await redis.hgetall(key)).items():
                 out += [k, v]
@@ -124,10 +124,10 @@ async def _redis_dump(redis: Redis, prefix: str) -> list[bytes]:
         elif kind == "list":
             out += list(await redis.lrange(key, 0, -1))
         elif kind == "stream":
-            for _id, fields in await redis.xrange(key):
-                for k, v in fields.items():
+            for _id, fields in await redis.xrange(key) or ():
+                for k, v in (fields or {}).items():
                     out += [k, v]
-    return out
+    return [x if isinstance(x, bytes) else str(x).encode() for x in out if x is not None]
 
 
 async def test_raw_keys_never_leak(
