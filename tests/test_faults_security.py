@@ -111,21 +111,24 @@ async def _redis_dump(redis: Redis, prefix: str) -> list[bytes]:
     out: list[Any] = []
     async for key in redis.scan_iter(match=f"{prefix}:*", count=500):
         out.append(key)
-        kind = (await redis.type(key)).decode()
+        kind_raw: Any = await redis.type(key)
+        kind = kind_raw.decode() if isinstance(kind_raw, bytes) else str(kind_raw)
         if kind == "string":
             out.append(await redis.get(key))
         elif kind == "hash":
             for k, v in (await redis.hgetall(key)).items():
                 out += [k, v]
         elif kind == "zset":
-            out += [m for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
+            members: Any = await redis.zrange(key, 0, -1)
+            out += list(members)
         elif kind == "set":
             out += list(await redis.smembers(key))
         elif kind == "list":
             out += list(await redis.lrange(key, 0, -1))
         elif kind == "stream":
-            for _id, fields in await redis.xrange(key) or ():
-                for k, v in (fields or {}).items():
+            entries: Any = await redis.xrange(key)
+            for _id, fields in entries:
+                for k, v in fields.items():
                     out += [k, v]
     return [x if isinstance(x, bytes) else str(x).encode() for x in out if x is not None]
 
