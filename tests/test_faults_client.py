@@ -14,6 +14,13 @@ from tests.fault_support import CHAT, OPENING, chat, full_stack, make_config
 from tests.faults_report import _Recorder
 
 
+def kind(backend: Backend) -> str:
+    """memory, fakeredis or redis."""
+    if backend.kind == "memory":
+        return "memory"
+    return "fakeredis" if "fake" in type(backend.redis).__module__ else "redis"
+
+
 async def settled(stack: Any) -> None:
     balance, held, live = await stack.ledger()
     assert (balance, held, live) == (OPENING, 0, 0)
@@ -46,7 +53,7 @@ async def test_disconnect_before_first_byte(backend: Backend, faults: _Recorder)
         )
     faults.record(
         "Client disconnects before the first byte",
-        f"billing, breaker, usage log / {backend.kind}",
+        f"billing, breaker, usage log / {kind(backend)}",
         "upstream call closed; hold released; record `disconnected`; breaker neutral",
         "upstream saw the disconnect; 0 credits charged or held; one usage record "
         "`disconnected`; breaker counted it neutral",
@@ -75,7 +82,7 @@ async def test_disconnect_mid_stream(backend: Backend, faults: _Recorder) -> Non
         assert record.credits_charged == 0
     faults.record(
         "Client disconnects mid-stream",
-        f"billing, usage log / {backend.kind}",
+        f"billing, usage log / {kind(backend)}",
         "upstream stream closed; hold released (failed requests are not charged); record",
         "upstream saw the disconnect; 0 credits charged or held; one usage record `disconnected`",
     )
@@ -118,7 +125,7 @@ async def test_disconnect_while_queued(backend: Backend, faults: _Recorder) -> N
         assert "disconnected" in outcomes or "refused" in outcomes
     faults.record(
         "Client disconnects while queued",
-        f"admission / {backend.kind}",
+        f"admission / {kind(backend)}",
         "no slot leaked; no reservation left",
         "next request took the slot at once; the queued one never reached the upstream",
     )

@@ -54,9 +54,20 @@ _NEAR = st.fixed_dictionaries(
     {"model": st.sampled_from(MODELS)},
     optional={name: strategy for name, strategy in _FIELDS.items() if name != "model"},
 ).map(lambda d: json.dumps(d).encode())
+# Valid requests with small variations, so admitted requests are fuzzed too.
+_VALID = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(MODELS[:4]),
+        "messages": st.just([{"role": "user", "content": "Hi"}]),
+        "input": st.just("Hi"),
+        "prompt": st.just("a cat"),
+        "max_tokens": st.integers(min_value=1, max_value=2_000),
+    },
+    optional={"stream": st.booleans(), "n": st.integers(min_value=1, max_value=2)},
+).map(lambda d: json.dumps(d).encode())
 _ANY_JSON = _JSON.map(lambda v: json.dumps(v).encode())
 _BYTES = st.binary(max_size=200)
-_BODY = st.one_of(_NEAR, _NEAR, _ANY_JSON, _BYTES)
+_BODY = st.one_of(_VALID, _NEAR, _ANY_JSON, _BYTES)
 
 # What an HTTP server lets through to the app: token header names, visible ASCII values
 # (a server refuses anything else before governor sees it).
@@ -86,6 +97,8 @@ _HEADERS = st.lists(st.tuples(_NAMES | _TOKEN, _VALUE), max_size=5)
 _AUTH = st.sampled_from(
     [
         [("authorization", f"Bearer {KEY}")],
+        [("authorization", f"Bearer {KEY}")],
+        [("x-api-key", KEY)],
         [("x-api-key", KEY)],
         [("authorization", f"Bearer {KEY}"), ("x-api-key", KEY)],
         [("authorization", f"bearer {KEY}")],

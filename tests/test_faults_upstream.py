@@ -201,7 +201,9 @@ async def test_upstream_fault(case: Case, faults: _Recorder) -> None:
     faults.record(
         case.name,
         f"billing, breaker, usage log / mock upstream ({_upstream(case.path)})",
-        "no charge for a failure; breaker counts it; caller gets its own error shape",
+        "charged the reservation (the documented worst case); breaker success"
+        if case.charged
+        else "no charge for a failure; breaker counts it; caller gets its own error shape",
         f"{case.status or 'connection aborted'} to the caller"
         f"{' in its shape' if case.error else ''}; {charge}; "
         f"0 held; breaker `{case.verdict}`; record `{case.outcome}`",
