@@ -64,9 +64,11 @@ def make_config(
     rpm: int | None = None,
     usage_sink: str = "memory",
     reservation_ttl_s: float = 3_600.0,
+    timeout_s: float = 0.5,
     **sections: Any,
 ) -> Config:
-    """A config with one key of account ``acme``; Redis (timeouts short) if *redis_url*."""
+    """A config with one key of account ``acme``; Redis (with *timeout_s* for connects
+    and replies) if *redis_url*."""
     fail = dict(fail or {})
     kwargs: dict[str, Any] = {
         "keys": {"tester": KeyEntry(key=KEY, account=ACCOUNT)},
@@ -78,9 +80,9 @@ def make_config(
         kwargs["redis"] = RedisConfig(
             url=redis_url,
             key_prefix=prefix,
-            socket_timeout_s=0.25,
-            connect_timeout_s=0.25,
-            pool_timeout_s=0.5,
+            socket_timeout_s=timeout_s,
+            connect_timeout_s=timeout_s,
+            pool_timeout_s=2 * timeout_s,
         )
     base = Config()
     for section in ("ratelimit", "billing", "breaker", "fingerprint", "usage"):
