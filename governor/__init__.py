@@ -3,6 +3,7 @@ an LLM API gateway."""
 
 from __future__ import annotations
 
+from governor.admission import AdmissionMiddleware
 from governor.backends import Backend, MemoryBackend, RedisBackend
 from governor.catalog import Catalog, ModelSpec
 from governor.clock import Clock, ManualClock, SystemClock
@@ -22,6 +23,7 @@ from governor.stack import ContextMiddleware, wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionMiddleware",
     "Backend",
     "BackendError",
     "Catalog",

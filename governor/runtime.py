@@ -8,6 +8,8 @@ alone. :meth:`Governor.enter` is the single entry every middleware calls first.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from prometheus_client import CollectorRegistry
 
 from governor import context as c
@@ -55,8 +57,17 @@ class Governor:
         self._bad_input = self.metrics.counter(
             "bad_requests", "Requests refused while parsing, by error code.", ("code",)
         )
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run *callback* in :meth:`aclose`, before the backend closes (last added first):
+        middlewares stop their background tasks there."""
+        self._on_close.append(callback)
 
     async def aclose(self) -> None:
+        callbacks, self._on_close = self._on_close[::-1], []
+        for callback in callbacks:
+            await callback()
         await self.backend.aclose()
 
     async def __aenter__(self) -> Governor:

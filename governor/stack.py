@@ -22,6 +22,7 @@ breaker counts it as neither success nor failure.
 
 from __future__ import annotations
 
+from governor.admission import AdmissionMiddleware
 from governor.runtime import Governor
 from governor.types import ASGIApp, Receive, Scope, Send
 
@@ -52,4 +53,6 @@ class ContextMiddleware:
 def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
     """Wrap *app* in every enabled governor middleware, configured from *governor*."""
     gov = governor if governor is not None else Governor()
+    if gov.config.admission.enabled:
+        app = AdmissionMiddleware(app, governor=gov)
     return ContextMiddleware(app, governor=gov)
