@@ -4,8 +4,9 @@ A *pool* is one model's slots (fleet-wide in Redis mode), or one key's slots on 
 model when the key has a per-model concurrency limit of its own. :meth:`SlotBackend.admit`
 either grants a :class:`Lease` at once or hands back a :class:`Waiter` holding a place
 in the pool's queue, or raises :class:`Rejected` when a queue bound is hit. The queue
-is FIFO within an account and fair between accounts: a freed slot goes to the waiting
-account holding the fewest slots of the pool, ties to the oldest waiter (see
+is FIFO within an account and round robin between accounts: a freed slot goes to the
+waiting account least recently granted one, ties to the oldest waiter, so an account
+flooding the queue delays another's request by at most one slot turnover (see
 ``docs/admission.md``).
 """
 
@@ -83,7 +84,7 @@ class Waiter(abc.ABC):
     @property
     @abc.abstractmethod
     def ahead(self) -> int:
-        """Requests waiting in the pool as last seen (for Retry-After)."""
+        """Requests waiting in the pool besides this one, as last seen (for Retry-After)."""
 
     @property
     @abc.abstractmethod

@@ -25,7 +25,17 @@ from governor.admission.base import (
 
 
 class _PoolState:
-    __slots__ = ("held", "held_by", "pool", "queued", "queued_tokens", "queues", "tokens_by")
+    __slots__ = (
+        "grants",
+        "held",
+        "held_by",
+        "last",
+        "pool",
+        "queued",
+        "queued_tokens",
+        "queues",
+        "tokens_by",
+    )
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -36,10 +46,17 @@ class _PoolState:
         self.queued = 0
         self.queued_tokens = 0
         self.tokens_by: collections.Counter[str] = collections.Counter()
+        # When each account holding or waiting was last granted a slot (grant count).
+        self.last: dict[str, int] = {}
+        self.grants = 0
+
+    def tidy(self, account: str) -> None:
+        if account not in self.held_by and account not in self.queues:
+            self.last.pop(account, None)
 
 
 class _MemoryWaiter(Waiter):
-    __slots__ = ("_future", "_slots", "_state", "account", "pool", "seq", "tokens")
+    __slots__ = ("_ahead", "_future", "_slots", "_state", "account", "pool", "seq", "tokens")
 
     def __init__(
         self, slots: MemorySlots, state: _PoolState, account: str, tokens: int, seq: int
@@ -50,11 +67,14 @@ class _MemoryWaiter(Waiter):
         self.account = account
         self.tokens = tokens
         self.seq = seq
+        self._ahead = state.queued
         self._future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
 
     @property
     def ahead(self) -> int:
-        return self._state.queued
+        if not self._future.done():
+            self._ahead = max(0, self._state.queued - 1)
+        return self._ahead
 
     @property
     def mean_hold_s(self) -> float | None:
@@ -67,6 +87,7 @@ class _MemoryWaiter(Waiter):
     async def cancel(self) -> Lease | None:
         if self._future.done():
             return None if self._future.cancelled() else self._future.result()
+        _ = self.ahead  # as it stood when leaving
         self._slots._unqueue(self._state, self)
         self._future.cancel()
         return None
@@ -93,6 +114,8 @@ class MemorySlots(SlotBackend):
         lease_id = f"m{next(self._ids)}"
         state.held[lease_id] = account
         state.held_by[account] += 1
+        state.grants += 1
+        state.last[account] = state.grants
         return Lease(lease_id, state.pool, account, max(0, state.pool.limit - len(state.held)))
 
     async def admit(self, pool: Pool, account: str, tokens: int) -> Lease | Waiter:
@@ -135,12 +158,15 @@ class MemorySlots(SlotBackend):
         state.tokens_by[waiter.account] -= waiter.tokens
         if state.tokens_by[waiter.account] <= 0:
             del state.tokens_by[waiter.account]
+        state.tidy(waiter.account)
 
     def _dispatch(self, state: _PoolState) -> None:
-        # Fair queuing across accounts: the account holding the fewest slots goes
-        # first, ties to the oldest head; a linear scan, as accounts waiting are few.
+        # Round robin between accounts: the waiting account least recently granted a
+        # slot goes next, ties to the oldest head; a linear scan, as waiting accounts
+        # are few.
+        last = state.last
         while state.queues and len(state.held) < state.pool.limit:
-            account = min(state.queues, key=lambda a: (state.held_by[a], state.queues[a][0].seq))
+            account = min(state.queues, key=lambda a: (last.get(a, 0), state.queues[a][0].seq))
             waiter = state.queues[account][0]
             self._unqueue(state, waiter)
             waiter._future.set_result(self._grant(state, account))
@@ -155,6 +181,7 @@ class MemorySlots(SlotBackend):
         state.held_by[account] -= 1
         if state.held_by[account] <= 0:
             del state.held_by[account]
+            state.tidy(account)
         if held_s is not None:
             self.hold_times.observe(lease.pool, held_s)
         self._dispatch(state)

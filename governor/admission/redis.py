@@ -228,7 +228,7 @@ class RedisSlots(SlotBackend):
             self._hold(lease)
             return lease
         if status == 2:
-            waiter._ahead = int(reply[1])
+            waiter._ahead = max(0, int(reply[1]) - 1)
             waiter._mean_hold_s = _hold_s(reply[2])
             _, waiting = self._waiting.setdefault(waiter.pool.name, (waiter.pool, {}))
             waiting[waiter.ticket] = waiter
@@ -315,7 +315,7 @@ class RedisSlots(SlotBackend):
                 self._hold(lease)
                 waiter._granted(lease)
             elif status == 2:
-                waiter._ahead = value
+                waiter._ahead = max(0, value - 1)
             else:
                 waiter._lost()
 

@@ -8,10 +8,13 @@
 --              FIFO per account)
 --      4 qlive ZSET ticket -> liveness deadline (a waiter whose worker stops polling goes)
 --      5 qmeta HASH ticket -> "<acct>:<seq>:<tokens>"
---      6 ready ZSET "<head seq>:<acct>" -> slots the account holds, one member per waiting
---              account: the lowest score (ties: oldest head) is served next
---      7 st    HASH seq, qn (waiters), qtok (tokens waiting), hold (mean hold ms),
---              h:<acct> held, n:<acct> waiting, t:<acct> tokens waiting, r:<acct> ready member
+--      6 ready ZSET "<head seq>:<acct>" -> when the account was last granted a slot (0:
+--              not lately), one member per waiting account: the least recently served
+--              goes next (ties: oldest head), i.e. round robin between accounts
+--      7 st    HASH seq, d (grants so far), qn (waiters), qtok (tokens waiting), hold (mean
+--              hold ms), and per account: h:<acct> held, l:<acct> last grant (while it
+--              holds or waits), n:<acct> waiting, t:<acct> tokens waiting, r:<acct> its
+--              ready member
 -- All keys share the pool's hash tag ({model}). Accounts are fixed-width hex digests.
 -- ARGV 1 op, 2 limit, 3 wake channel ('' none), 4 live_ms (waiter liveness, and the window
 --      a worker has to claim a slot handed to its waiter), 5 ttl_ms (lease TTL), 6.. per op.
@@ -60,24 +63,39 @@ local function head_of(acct)
   return redis.call('ZRANGEBYLEX', Q, '[' .. acct .. ':', '(' .. acct .. ';', 'LIMIT', 0, 1)[1]
 end
 
--- Put acct in READY under its current head and held count (or take it out).
+-- An account neither holding nor waiting is forgotten (st stays as small as the
+-- set of active accounts); it comes back as "not served lately".
+local function tidy(acct)
+  if num('h:' .. acct) == 0 and redis.call('HEXISTS', ST, 'r:' .. acct) == 0 then
+    redis.call('HDEL', ST, 'l:' .. acct)
+  end
+end
+
+-- Put acct in READY under its current head (or take it out).
 local function refresh_ready(acct)
   local old = redis.call('HGET', ST, 'r:' .. acct)
   if old then redis.call('ZREM', READY, old) end
   local head = head_of(acct)
   if head then
     local member = string.sub(head, #acct + 2, #acct + 17) .. ':' .. acct
-    redis.call('ZADD', READY, num('h:' .. acct), member)
+    redis.call('ZADD', READY, num('l:' .. acct), member)
     redis.call('HSET', ST, 'r:' .. acct, member)
   elseif old then
     redis.call('HDEL', ST, 'r:' .. acct)
+    tidy(acct)
   end
 end
 
 local function add_held(acct, d)
   bump('h:' .. acct, d)
-  local member = redis.call('HGET', ST, 'r:' .. acct)
-  if member then redis.call('ZADD', READY, num('h:' .. acct), member) end
+  if d > 0 then
+    local n = redis.call('HINCRBY', ST, 'd', 1)
+    redis.call('HSET', ST, 'l:' .. acct, n)
+    local member = redis.call('HGET', ST, 'r:' .. acct)
+    if member then redis.call('ZADD', READY, n, member) end
+  else
+    tidy(acct)
+  end
 end
 
 -- Remove a waiter; true if it was queued.
