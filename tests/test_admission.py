@@ -51,7 +51,7 @@ async def test_headers_exact(make: Factory) -> None:
     """A model call gets the spec's 80/79 and a zero queue wait."""
     app = KeyedApp()
     app.open("a")
-    mw, gov = make(app, limit=None)
+    mw, _gov = make(app, limit=None)
     result = await request(mw, "a")
     assert result.status == 200
     assert result.header(h.CONCURRENCY_LIMIT) == "80"
@@ -396,7 +396,7 @@ async def test_upstream_exception_gives_slot_back(make: Factory) -> None:
 async def test_cancelled_while_holding(make: Factory) -> None:
     """A request task cancelled inside the app gives its slot back."""
     app = KeyedApp()
-    mw, gov = make(app, limit=1)
+    mw, _gov = make(app, limit=1)
     call = asyncio.ensure_future(request(mw, "a"))
     await until(lambda: app.inside == 1)
     call.cancel()
@@ -461,3 +461,17 @@ async def test_count_tokens_takes_no_slot(make: Factory) -> None:
     )
     assert result.status == 200
     assert result.header(h.CONCURRENCY_LIMIT) is None
+
+
+async def test_wrap_puts_admission_innermost(make: Factory) -> None:
+    """The full stack from wrap() adds the admission headers to a model call."""
+    from governor.stack import wrap
+
+    app = KeyedApp()
+    app.open("a")
+    _, gov = make(app, limit=4)
+    stacked = wrap(app, gov)
+    result = await request(stacked, "a")
+    assert result.header(h.CONCURRENCY_LIMIT) == "4"
+    assert result.header(h.CONCURRENCY_REMAINING) == "3"
+    await gov.aclose()
