@@ -104,6 +104,10 @@ class Waiter(abc.ABC):
 class SlotBackend(abc.ABC):
     """Where the slots and queues of every pool live."""
 
+    # True when admit/release never suspend (no I/O): a cancellation cannot land in the
+    # middle of them, so callers need no shielding task.
+    in_process: bool = False
+
     @abc.abstractmethod
     async def admit(self, pool: Pool, account: str, tokens: int) -> Lease | Waiter:
         """A slot of *pool* for *account* now, or a place in its queue; raises

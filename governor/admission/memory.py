@@ -96,6 +96,8 @@ class _MemoryWaiter(Waiter):
 class MemorySlots(SlotBackend):
     """Slot pools in this process, fair between accounts, FIFO within one."""
 
+    in_process = True
+
     def __init__(self, limits: QueueLimits | None = None) -> None:
         self.limits = limits if limits is not None else QueueLimits()
         self.hold_times = HoldTimes()

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from prometheus_client import Counter, Gauge, Histogram
+
 from governor import headers as h
 from governor.admission.base import (
     Lease,
@@ -54,6 +56,15 @@ class ModelBusy(RateLimited):
 
     def status_for(self, shape: Shape) -> int:
         return 529 if shape is Shape.ANTHROPIC else 429
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Meters:
+    in_flight: Gauge
+    queue_wait: Histogram
+    immediate: Counter
+    queued: Counter
+    degraded: Counter
 
 
 class _Gone(Exception):
@@ -180,6 +191,8 @@ class AdmissionMiddleware:
         self._backend_errors = metrics.counter(
             "admission_backend_errors", "Slot backend failures, by operation.", ("op",)
         )
+        # Label children bound once per model (labels() costs more than inc()).
+        self._meters: dict[str, _Meters] = {}
         gov.on_close(self.aclose)
 
     async def aclose(self) -> None:
@@ -191,6 +204,16 @@ class AdmissionMiddleware:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._owns_slots:
             await self.slots.aclose()
+
+    def _bind(self, model: str) -> _Meters:
+        meters = self._meters[model] = _Meters(
+            self._in_flight.labels(model),
+            self._queue_wait.labels(model),
+            self._admitted.labels(model, "immediate"),
+            self._admitted.labels(model, "queued"),
+            self._admitted.labels(model, "degraded"),
+        )
+        return meters
 
     def _lease_lost(self, model: str) -> None:
         self._lost.labels(model).inc()
@@ -225,6 +248,7 @@ class AdmissionMiddleware:
     ) -> None:
         assert ctx.model is not None
         model_id = ctx.model.id
+        meters = self._meters.get(model_id) or self._bind(model_id)
         clock = self.governor.clock
         started = clock.monotonic()
         deadline = started + self.config.max_wait_s
@@ -249,7 +273,14 @@ class AdmissionMiddleware:
                     self._backend_errors.labels("release").inc()
                     log.warning("admission: release failed: %s", exc)
             if admitted:
-                self._in_flight.labels(model_id).dec()
+                meters.in_flight.dec()
+
+        async def finish() -> None:
+            # In-process slots release without suspending: nothing to shield.
+            if all(slots.in_process for slots, _ in held):
+                await release()
+            else:
+                await self._shielded(release())
 
         try:
             degraded = queued = False
@@ -279,10 +310,14 @@ class AdmissionMiddleware:
             wait_s = granted_at - started
             wait_ms = self._ms(wait_s)
             ctx.notes["queue_wait_ms"] = wait_ms
-            self._in_flight.labels(model_id).inc()
-            self._queue_wait.labels(model_id).observe(wait_s)
-            path = "degraded" if degraded else "queued" if queued else "immediate"
-            self._admitted.labels(model_id, path).inc()
+            meters.in_flight.inc()
+            meters.queue_wait.observe(wait_s)
+            if degraded:
+                meters.degraded.inc()
+            elif queued:
+                meters.queued.inc()
+            else:
+                meters.immediate.inc()
             lease = held[-1][1]
             extra: RawHeaders = [
                 (_LIMIT, str(lease.pool.limit).encode()),
@@ -300,12 +335,12 @@ class AdmissionMiddleware:
                 if message["type"] == "http.response.body" and not message.get("more_body"):
                     # The body is completely sent: the slot goes back now, not after
                     # whatever the app still does (background tasks).
-                    await self._shielded(release())
+                    await finish()
 
             await self.app(scope, receiver.receive if receiver.used else receive, send_admitted)
         finally:
             if held and not released:
-                await self._shielded(release())
+                await finish()
             receiver.close()
 
     async def _acquire(
@@ -454,8 +489,11 @@ class AdmissionMiddleware:
         started: float,
         degraded: bool,
     ) -> None:
-        wait_ms = self._ms(self.governor.clock.monotonic() - started)
+        now = self.governor.clock.monotonic()
+        wait_ms = self._ms(now - started)
         ctx.notes["queue_wait_ms"] = wait_ms
+        # Refused by the local fallback while the shared backend is down.
+        degraded = degraded or now < self._down_until
         if degraded:
             ctx.notes["degraded"] = True
         retry_after = estimate_retry_after(
