@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 
 from governor import headers as h
-from governor.admission import AdmissionMiddleware, Lease, Pool, QueueLimits
+from governor.admission import AdmissionMiddleware, Lease, Pool, PoolStats, QueueLimits
 from governor.admission.redis import RedisSlots
 from governor.backends import RedisBackend
 from governor.backends.redis import make_client
@@ -80,6 +80,26 @@ async def test_poll_finds_a_grant_when_pubsub_is_lost(slots_for: Any) -> None:
     granted = await asyncio.wait_for(waiting, 5)
     await slots.release(granted, None)
     assert (await slots.stats(pool)).held == 0
+
+
+async def test_cancelled_during_admit_takes_nothing(slots_for: Any) -> None:
+    """An admit cancelled while its Redis call is in flight gives back what it took."""
+    slots = slots_for()
+    pool = Pool(MODEL, 1)
+    for _ in range(2):  # once granted a slot, once queued behind it
+        task = asyncio.ensure_future(slots.admit(pool, "a", 1))
+        await asyncio.sleep(0)  # the call is on the wire
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    while (await slots.stats(pool)) != PoolStats(0, 0):
+        assert loop.time() < end, "slot not given back"
+        await asyncio.sleep(0.005)
+    holder = await slots.admit(pool, "b", 1)
+    assert isinstance(holder, Lease)
+    await slots.release(holder, None)
 
 
 async def test_two_workers_share_one_limit(slots_for: Any) -> None:
