@@ -402,10 +402,9 @@ class AdmissionMiddleware:
         self, slots: SlotBackend, waiter: Waiter, receiver: _Receiver, deadline: float
     ) -> Lease:
         """Wait for *waiter*'s slot until *deadline*, leaving at once if the client goes."""
-        clock = self.governor.clock
         granted = asyncio.ensure_future(waiter.wait())
         gone = asyncio.ensure_future(receiver.disconnected())
-        timer = asyncio.ensure_future(clock.sleep(max(0.0, deadline - clock.monotonic())))
+        timer = asyncio.ensure_future(self._until(deadline))
         tasks = (granted, gone, timer)
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -436,6 +435,13 @@ class AdmissionMiddleware:
         if late is not None:  # granted just as the wait ran out: keep it
             return late
         raise Rejected("queue_timeout", ahead=waiter.ahead, mean_hold_s=waiter.mean_hold_s)
+
+    async def _until(self, deadline: float) -> None:
+        # The time left is read when the timer runs, not when it is created: the clock
+        # may have moved in between.
+        clock = self.governor.clock
+        while (left := deadline - clock.monotonic()) > 0:
+            await clock.sleep(left)
 
     async def _leave(self, slots: SlotBackend, waiter: Waiter) -> None:
         lease = await waiter.cancel()
