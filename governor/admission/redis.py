@@ -31,7 +31,7 @@ from governor.admission.base import (
     SlotBackend,
     Waiter,
 )
-from governor.backends import RedisBackend, map_redis_errors
+from governor.backends import RedisBackend
 from governor.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -269,13 +269,9 @@ class RedisSlots(SlotBackend):
         await self._call(lease.pool, "release", [lease.id, held_ms])
 
     async def stats(self, pool: Pool) -> PoolStats:
-        keys = self._pool_keys(pool)
-        with map_redis_errors("admission stats"):
-            async with self.backend.redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(keys[0])
-                pipe.hget(keys[6], "qn")
-                held, queued = await pipe.execute()
-        return PoolStats(int(held), int(queued or 0))
+        # Through the script, so lapsed leases and waiters are swept first.
+        held, queued = await self._call(pool, "stats", [])
+        return PoolStats(int(held), int(queued))
 
     def live_workers(self, model: str) -> int | None:
         return self._workers.get(model)

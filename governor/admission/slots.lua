@@ -1,7 +1,7 @@
 -- One pool of concurrency slots and its fair wait queue, every operation one atomic call.
 -- One file for all operations so the sweep and the fair dispatch exist once.
 --
--- Pool operations (admit, poll, cancel, release):
+-- Pool operations (admit, poll, cancel, release, stats):
 -- KEYS 1 sem   ZSET lease id -> deadline (ms, Redis TIME)
 --      2 lmeta HASH lease id -> account
 --      3 q     ZSET, every score 0, member "<acct>:<seq 16 digits>:<ticket>" (lex order =
@@ -242,6 +242,10 @@ if op == 'release' then
   end
   dispatch()
   return {removed and 1 or 0}
+end
+
+if op == 'stats' then
+  return {redis.call('ZCARD', SEM), num('qn')}
 end
 
 return redis.error_reply('slots.lua: unknown op ' .. tostring(op))
