@@ -92,11 +92,8 @@ async def test_cancelled_during_admit_takes_nothing(slots_for: Any) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 5
-    while (await slots.stats(pool)) != PoolStats(0, 0):
-        assert loop.time() < end, "slot not given back"
-        await asyncio.sleep(0.005)
+    await until(lambda: not slots._background)  # the give-backs have run
+    assert await slots.stats(pool) == PoolStats(0, 0)
     holder = await slots.admit(pool, "b", 1)
     assert isinstance(holder, Lease)
     await slots.release(holder, None)
@@ -282,7 +279,13 @@ async def test_killed_worker_slots_come_back_within_ttl(
         proc.wait()
         killed = time.monotonic()
         lease = await asyncio.wait_for(waiter.wait(), 5)
-        assert time.monotonic() - killed < ttl + 0.5
+        # Every dead lease lapses within the TTL; the margin covers the poll and a
+        # busy CI machine.
+        for _ in range(250):
+            if (await slots.stats(pool)).held == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - killed < ttl + 0.75
         await slots.release(lease, None)
         assert (await slots.stats(pool)).held == 0
     finally:

@@ -213,7 +213,7 @@ class RedisSlots(SlotBackend):
         except asyncio.CancelledError:
             # The admit may still land: give back whatever it took once it has.
             self._by_ticket.pop(waiter.ticket, None)
-            call.add_done_callback(lambda _: self._spawn(self._abandon(pool, waiter.ticket)))
+            self._spawn(self._abandon(pool, waiter.ticket, call))
             raise
         except BaseException:
             self._by_ticket.pop(waiter.ticket, None)
@@ -259,7 +259,10 @@ class RedisSlots(SlotBackend):
         if isinstance(result, Lease):
             waiter._granted(result)
 
-    async def _abandon(self, pool: Pool, ticket: str) -> None:
+    async def _abandon(self, pool: Pool, ticket: str, call: asyncio.Future[Any]) -> None:
+        await asyncio.wait([call])
+        if not call.cancelled():
+            call.exception()  # retrieved: it was the caller's to see, and it has gone
         with contextlib.suppress(BackendError):
             await self._call(pool, "release", [ticket, -1])
 
