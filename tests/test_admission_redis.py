@@ -131,6 +131,39 @@ async def test_heartbeat_keeps_a_lease_alive(slots_for: Any) -> None:
     await slots.release(lease, None)
 
 
+async def test_lost_lease_is_reported(redis_backend: RedisBackend) -> None:
+    """A held lease that vanished from Redis is reported by the next heartbeat."""
+    lost: list[str] = []
+    slots = RedisSlots(redis_backend, QueueLimits(), on_lease_lost=lost.append)
+    try:
+        pool = Pool(MODEL, 1)
+        lease = await slots.admit(pool, "a", 1)
+        assert isinstance(lease, Lease)
+        await redis_backend.redis.zrem(slots._pool_keys(pool)[0], lease.id)
+        await slots._beat(MODEL, [(pool, {lease.id})])
+        assert lost == [MODEL]
+    finally:
+        await slots.aclose()
+
+
+async def test_dead_waiter_cannot_block_the_queue(slots_for: Any) -> None:
+    """A slot handed to a waiter whose worker stopped polling comes back after the
+    liveness window and goes to the next waiter."""
+    dead, alive = slots_for(poll_s=0.05), slots_for(poll_s=0.05)
+    pool = Pool(MODEL, 1)
+    holder = await alive.admit(pool, "a", 1)
+    assert isinstance(holder, Lease)
+    ghost = await dead.admit(pool, "b", 1)
+    await dead.aclose()  # the worker "dies": no more polls, no claim
+    dead._forget_waiter(ghost)
+    waiter = await alive.admit(pool, "c", 1)
+    assert not isinstance(waiter, Lease)
+    await alive.release(holder, None)  # handed to the ghost first
+    granted = await asyncio.wait_for(waiter.wait(), 2.0 + 3.0)
+    await alive.release(granted, None)
+    assert await alive.stats(pool) == PoolStats(0, 0)
+
+
 async def test_keys_share_one_hash_tag_per_model(redis_backend: RedisBackend) -> None:
     """Every key a model's scripts touch lives in that model's cluster slot."""
     slots = RedisSlots(redis_backend, QueueLimits(), lease_ttl_s=5, heartbeat_s=1)
