@@ -119,11 +119,11 @@ async def test_two_workers_share_one_limit(slots_for: Any) -> None:
 
 async def test_heartbeat_keeps_a_lease_alive(slots_for: Any) -> None:
     """A lease held past its TTL stays, renewed by the worker's heartbeat."""
-    slots = slots_for(lease_ttl_s=0.6, heartbeat_s=0.15)
+    slots = slots_for(lease_ttl_s=1.0, heartbeat_s=0.2)
     pool = Pool(MODEL, 1)
     lease = await slots.admit(pool, "a", 1)
     assert isinstance(lease, Lease)
-    await asyncio.sleep(1.2)  # twice the TTL, on Redis' clock
+    await asyncio.sleep(1.5)  # past the TTL, on Redis' clock
     assert slots.live_workers(MODEL) == 1
     other = await slots.admit(pool, "b", 1)
     assert not isinstance(other, Lease)
