@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from governor import Governor
+from governor.backends import Backend
 from governor.config import Config, KeyEntry
 from governor.stack import ContextMiddleware
 from tests.apps import EchoApp
@@ -177,14 +178,14 @@ async def test_bad_input_counted(governor: Governor) -> None:
     assert value == 1
 
 
-@pytest.mark.parametrize("backend_kind", ["memory"])
-async def test_bad_input_consumes_nothing_in_the_full_stack(backend_kind: str) -> None:
+async def test_bad_input_consumes_nothing_in_the_full_stack(backend: Backend) -> None:
     """After a run of bad requests through every layer, a good request still sees the
     first slot, the first request of the minute and the untouched balance."""
     from governor import wrap
     from governor.billing import ledger_for
 
-    governor = Governor(Config(keys={"alice": KeyEntry(account="acme", key="ck_alice")}))
+    config = Config(keys={"alice": KeyEntry(account="acme", key="ck_alice")})
+    governor = Governor(config, backend=backend)
     app = wrap(EchoApp(), governor)
     bad = [
         (CHAT, b"{nope"),
@@ -207,3 +208,4 @@ async def test_bad_input_consumes_nothing_in_the_full_stack(backend_kind: str) -
     balance_after = result.json()["hypereal"]["billing"]["balance_before"]
     assert balance_after == governor.config.billing.default_balance
     assert await ledger_for(governor).balance("acme", 0) < balance_after
+    await governor.aclose()
