@@ -3,6 +3,7 @@ an LLM API gateway."""
 
 from __future__ import annotations
 
+from governor.admission import AdmissionMiddleware
 from governor.backends import Backend, MemoryBackend, RedisBackend
 from governor.billing import BillingMiddleware
 from governor.breaker import BreakerMiddleware
@@ -27,6 +28,7 @@ from governor.usage_log import UsageLogMiddleware, usage_routes
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionMiddleware",
     "Backend",
     "BackendError",
     "BillingMiddleware",

@@ -60,7 +60,13 @@ class AdmissionConfig:
     max_queued_tokens_per_account: int | None = None
     lease_ttl_s: float = 30.0
     heartbeat_s: float = 10.0
+    # Redis mode: how often a worker re-checks its waiters when no wake-up arrives
+    # (pub/sub is only a hint); jittered by +-20%.
+    poll_s: float = 0.25
     fail_mode: FailMode = "open"
+    # Redis down with fail_mode "open": each worker allows limit // live workers of the
+    # model; this many workers are assumed when the live count was never seen.
+    fallback_workers: int = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ alone. :meth:`Governor.enter` is the single entry every middleware calls first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
@@ -61,6 +61,12 @@ class Governor:
         self._bad_input = self.metrics.counter(
             "bad_requests", "Requests refused while parsing, by error code.", ("code",)
         )
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run *callback* in :meth:`aclose`, before the backend closes (last added first):
+        middlewares stop their background tasks there."""
+        self._on_close.append(callback)
 
     def _counted(self, surface: str, status: int) -> Counter:
         # Bound children cost a third of labels() on every request.
@@ -89,7 +95,11 @@ class Governor:
         self._shared[name] = value
 
     async def aclose(self) -> None:
-        """Close every shared object (in reverse order of creation), then the backend."""
+        """Run the close callbacks, close every shared object (each in reverse order of
+        registration), then the backend."""
+        callbacks, self._on_close = self._on_close[::-1], []
+        for callback in callbacks:
+            await callback()
         for value in reversed(list(self._shared.values())):
             close = getattr(value, "aclose", None)
             if close is not None:

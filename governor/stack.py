@@ -23,6 +23,7 @@ breaker counts it as neither success nor failure.
 
 from __future__ import annotations
 
+from governor.admission import AdmissionMiddleware
 from governor.billing import BillingMiddleware
 from governor.breaker import BreakerMiddleware
 from governor.degraded import stamp
@@ -72,6 +73,8 @@ def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
     gov = governor if governor is not None else Governor()
     config = gov.config
     # Innermost first.
+    if config.admission.enabled:
+        app = AdmissionMiddleware(app, governor=gov)
     if config.billing.enabled:
         app = BillingMiddleware(app, governor=gov)
     if config.ratelimit.enabled:

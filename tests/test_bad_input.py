@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from governor import Governor
+from governor.backends import Backend
 from governor.config import Config, KeyEntry
 from governor.stack import ContextMiddleware
 from tests.apps import EchoApp
@@ -175,3 +176,36 @@ async def test_bad_input_counted(governor: Governor) -> None:
         "governor_bad_requests_total", {"code": "invalid_json"}
     )
     assert value == 1
+
+
+async def test_bad_input_consumes_nothing_in_the_full_stack(backend: Backend) -> None:
+    """After a run of bad requests through every layer, a good request still sees the
+    first slot, the first request of the minute and the untouched balance."""
+    from governor import wrap
+    from governor.billing import ledger_for
+
+    config = Config(keys={"alice": KeyEntry(account="acme", key="ck_alice")})
+    governor = Governor(config, backend=backend)
+    app = wrap(EchoApp(), governor)
+    bad = [
+        (CHAT, b"{nope"),
+        (CHAT, b"[]"),
+        (MESSAGES, b'{"model": 5}'),
+        (CHAT, b'{"model": "gpt-9"}'),
+        (CHAT, b'{"model": "gpt-5-5", "max_tokens": -1}'),
+        (IMAGES, b'{"model": "gpt-image-2", "prompt": "p", "n": 0}'),
+    ]
+    for path, body in bad:
+        result = await call(app, path=path, headers=auth("ck_alice"), body=body)
+        assert 400 <= result.status < 500
+    result = await call(
+        app, headers=auth("ck_alice"), json_body={"model": "gpt-5-5", "messages": []}
+    )
+    assert result.status == 200
+    assert result.header("X-Hypereal-Managed-Model-RPM-Remaining") == "14999"
+    assert result.header("X-Hypereal-Capacity-Requests-Remaining") == "9999"
+    assert result.header("X-Hypereal-Managed-Model-Concurrency-Remaining") == "79"
+    balance_after = result.json()["hypereal"]["billing"]["balance_before"]
+    assert balance_after == governor.config.billing.default_balance
+    assert await ledger_for(governor).balance("acme", 0) < balance_after
+    await governor.aclose()

@@ -1,0 +1,251 @@
+-- One pool of concurrency slots and its fair wait queue, every operation one atomic call.
+-- One file for all operations so the sweep and the fair dispatch exist once.
+--
+-- Pool operations (admit, poll, cancel, release, stats):
+-- KEYS 1 sem   ZSET lease id -> deadline (ms, Redis TIME)
+--      2 lmeta HASH lease id -> account
+--      3 q     ZSET, every score 0, member "<acct>:<seq 16 digits>:<ticket>" (lex order =
+--              FIFO per account)
+--      4 qlive ZSET ticket -> liveness deadline (a waiter whose worker stops polling goes)
+--      5 qmeta HASH ticket -> "<acct>:<seq>:<tokens>"
+--      6 ready ZSET "<head seq>:<acct>" -> when the account was last granted a slot (0:
+--              not lately), one member per waiting account: the least recently served
+--              goes next (ties: oldest head), i.e. round robin between accounts
+--      7 st    HASH seq, d (grants so far), qn (waiters), qtok (tokens waiting), hold (mean
+--              hold ms), and per account: h:<acct> held, l:<acct> last grant (while it
+--              holds or waits), n:<acct> waiting, t:<acct> tokens waiting, r:<acct> its
+--              ready member
+-- All keys share the pool's hash tag ({model}). Accounts are fixed-width hex digests.
+-- ARGV 1 op, 2 limit, 3 wake channel ('' none), 4 live_ms (waiter liveness, and the window
+--      a worker has to claim a slot handed to its waiter), 5 ttl_ms (lease TTL), 6.. per op.
+--
+-- heartbeat: KEYS 1 workers ZSET (worker -> deadline), 2.. sem keys of one model's pools;
+--      ARGV 1 'heartbeat', 2 worker id, 3 ttl_ms, 4 worker_ttl_ms, then for each sem key
+--      a count and that many lease ids. Renews the leases; answers {live workers, lost...}.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op = ARGV[1]
+
+if op == 'heartbeat' then
+  local ttl, wttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[1], now + wttl, ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local out = {redis.call('ZCARD', KEYS[1])}
+  local a = 5
+  for k = 2, #KEYS do
+    local n = tonumber(ARGV[a]); a = a + 1
+    for i = a, a + n - 1 do
+      -- A lease still in the set is still counted, so renewing it (even past its
+      -- deadline, before a sweep) cannot over-admit; a swept one is lost for good.
+      if redis.call('ZADD', KEYS[k], 'XX', 'CH', now + ttl, ARGV[i]) == 0
+          and not redis.call('ZSCORE', KEYS[k], ARGV[i]) then
+        out[#out + 1] = ARGV[i]
+      end
+    end
+    a = a + n
+  end
+  return out
+end
+
+local SEM, LMETA, Q, QLIVE, QMETA, READY, ST = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local limit, chan, live_ms, ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local function num(field)
+  return tonumber(redis.call('HGET', ST, field) or '0')
+end
+
+local function bump(field, d)
+  if redis.call('HINCRBY', ST, field, d) <= 0 then redis.call('HDEL', ST, field) end
+end
+
+local function head_of(acct)
+  return redis.call('ZRANGEBYLEX', Q, '[' .. acct .. ':', '(' .. acct .. ';', 'LIMIT', 0, 1)[1]
+end
+
+-- An account neither holding nor waiting is forgotten (st stays as small as the
+-- set of active accounts); it comes back as "not served lately".
+local function tidy(acct)
+  if num('h:' .. acct) == 0 and redis.call('HEXISTS', ST, 'r:' .. acct) == 0 then
+    redis.call('HDEL', ST, 'l:' .. acct)
+  end
+end
+
+-- Put acct in READY under its current head (or take it out).
+local function refresh_ready(acct)
+  local old = redis.call('HGET', ST, 'r:' .. acct)
+  if old then redis.call('ZREM', READY, old) end
+  local head = head_of(acct)
+  if head then
+    local member = string.sub(head, #acct + 2, #acct + 17) .. ':' .. acct
+    redis.call('ZADD', READY, num('l:' .. acct), member)
+    redis.call('HSET', ST, 'r:' .. acct, member)
+  elseif old then
+    redis.call('HDEL', ST, 'r:' .. acct)
+    tidy(acct)
+  end
+end
+
+local function add_held(acct, d)
+  bump('h:' .. acct, d)
+  if d > 0 then
+    local n = redis.call('HINCRBY', ST, 'd', 1)
+    redis.call('HSET', ST, 'l:' .. acct, n)
+    local member = redis.call('HGET', ST, 'r:' .. acct)
+    if member then redis.call('ZADD', READY, n, member) end
+  else
+    tidy(acct)
+  end
+end
+
+-- Remove a waiter; true if it was queued.
+local function unqueue(ticket)
+  local meta = redis.call('HGET', QMETA, ticket)
+  if not meta then return false end
+  local acct, seq, tok = string.match(meta, '^(%x+):(%d+):(%d+)$')
+  redis.call('ZREM', Q, acct .. ':' .. seq .. ':' .. ticket)
+  redis.call('ZREM', QLIVE, ticket)
+  redis.call('HDEL', QMETA, ticket)
+  bump('qn', -1); bump('qtok', -tonumber(tok))
+  bump('n:' .. acct, -1); bump('t:' .. acct, -tonumber(tok))
+  refresh_ready(acct)
+  return true
+end
+
+local function drop_lease(id)
+  local acct = redis.call('HGET', LMETA, id)
+  if redis.call('ZREM', SEM, id) == 0 then return false end
+  redis.call('HDEL', LMETA, id)
+  if acct then add_held(acct, -1) end
+  return true
+end
+
+local function grant(id, acct, deadline)
+  redis.call('ZADD', SEM, deadline, id)
+  redis.call('HSET', LMETA, id, acct)
+  add_held(acct, 1)
+end
+
+-- Bounded sweeps: a mass crash never makes one call slow (scripts block the server).
+local function sweep()
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', SEM, '-inf', now, 'LIMIT', 0, 64)) do
+    drop_lease(id)
+  end
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', QLIVE, '-inf', now, 'LIMIT', 0, 64)) do
+    unqueue(w)
+  end
+end
+
+-- Hand every free slot to the next waiter in fair order, and tell their workers.
+-- The handed-over lease lives only live_ms until its worker claims it.
+local function dispatch()
+  local free = limit - redis.call('ZCARD', SEM)
+  local woken = {}
+  while free > 0 do
+    local top = redis.call('ZRANGE', READY, 0, 0)[1]
+    if not top then break end
+    local acct = string.sub(top, 18)
+    local head = head_of(acct)
+    local ticket = string.sub(head, #acct + 19)
+    unqueue(ticket)
+    grant(ticket, acct, now + live_ms)
+    free = free - 1
+    woken[#woken + 1] = ticket
+  end
+  if #woken > 0 and chan ~= '' then
+    redis.call('PUBLISH', chan, table.concat(woken, ' '))
+  end
+end
+
+local function remaining()
+  return math.max(0, limit - redis.call('ZCARD', SEM))
+end
+
+local function hold()
+  return redis.call('HGET', ST, 'hold') or ''
+end
+
+sweep()
+dispatch()
+
+if op == 'admit' then
+  local ticket, acct, tokens = ARGV[6], ARGV[7], tonumber(ARGV[8])
+  local max_q, max_qtok, acct_cap, acct_tok = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+  if redis.call('ZSCORE', SEM, ticket) then                       -- idempotent retry
+    redis.call('ZADD', SEM, 'XX', now + ttl, ticket)
+    return {1, remaining()}
+  end
+  local qn = num('qn')
+  if redis.call('HEXISTS', QMETA, ticket) == 1 then return {2, qn, hold()} end
+  -- After dispatch() either no slot is free or nobody waits: nobody jumps the queue.
+  if qn == 0 and redis.call('ZCARD', SEM) < limit then
+    grant(ticket, acct, now + ttl)
+    return {1, remaining()}
+  end
+  local reason
+  if qn >= max_q then reason = 'queue_full'
+  elseif max_qtok >= 0 and num('qtok') + tokens > max_qtok then reason = 'queue_tokens'
+  elseif num('n:' .. acct) >= acct_cap then reason = 'account_queue_full'
+  elseif acct_tok >= 0 and num('t:' .. acct) + tokens > acct_tok then reason = 'account_queue_tokens'
+  end
+  if reason then return {0, reason, qn, hold()} end
+  local seq = string.format('%016d', redis.call('HINCRBY', ST, 'seq', 1))
+  redis.call('ZADD', Q, 0, acct .. ':' .. seq .. ':' .. ticket)
+  redis.call('ZADD', QLIVE, now + live_ms, ticket)
+  redis.call('HSET', QMETA, ticket, acct .. ':' .. seq .. ':' .. tokens)
+  bump('qn', 1); bump('qtok', tokens); bump('n:' .. acct, 1); bump('t:' .. acct, tokens)
+  refresh_ready(acct)
+  return {2, qn + 1, hold()}
+end
+
+if op == 'poll' then
+  -- For each ticket: 1 granted (claimed: renewed to the full TTL), 2 still waiting
+  -- (liveness refreshed), 0 gone (its place lapsed); then the value (free slots or
+  -- waiters). The pool's mean hold time comes first.
+  local out = {hold()}
+  for i = 6, #ARGV do
+    local id = ARGV[i]
+    if redis.call('ZSCORE', SEM, id) then
+      redis.call('ZADD', SEM, 'XX', now + ttl, id)
+      out[#out + 1] = 1; out[#out + 1] = remaining()
+    elseif redis.call('HEXISTS', QMETA, id) == 1 then
+      redis.call('ZADD', QLIVE, 'XX', now + live_ms, id)
+      out[#out + 1] = 2; out[#out + 1] = num('qn')
+    else
+      out[#out + 1] = 0; out[#out + 1] = 0
+    end
+  end
+  return out
+end
+
+if op == 'cancel' then
+  -- Leave the queue; if the slot was handed over meanwhile, claim it for the caller.
+  local id = ARGV[6]
+  if unqueue(id) then return {0, 0} end
+  if redis.call('ZSCORE', SEM, id) then
+    redis.call('ZADD', SEM, 'XX', now + ttl, id)
+    return {1, remaining()}
+  end
+  return {0, 0}
+end
+
+if op == 'release' then
+  -- Also drops a place still queued under this id (an abandoned admit).
+  local id, held_ms = ARGV[6], tonumber(ARGV[7])
+  local removed = drop_lease(id)
+  unqueue(id)
+  if removed and held_ms >= 0 then
+    local old = tonumber(redis.call('HGET', ST, 'hold') or '-1')
+    local mean = held_ms
+    if old >= 0 then mean = old * 0.9 + held_ms * 0.1 end
+    redis.call('HSET', ST, 'hold', string.format('%.1f', mean))
+  end
+  dispatch()
+  return {removed and 1 or 0}
+end
+
+if op == 'stats' then
+  return {redis.call('ZCARD', SEM), num('qn')}
+end
+
+return redis.error_reply('slots.lua: unknown op ' .. tostring(op))
