@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -23,7 +23,7 @@ from examples.demo_proxy import build_app
 from examples.forwarder import UpstreamSettings
 from examples.mock_upstream import MockUpstream
 from examples.serving import serve
-from governor import Config, Governor
+from governor import AdmissionMiddleware, Config, Governor
 from governor.backends import RedisBackend
 from governor.billing.middleware import ledger_for, retries_for
 from governor.billing.redis import _tag
@@ -33,6 +33,7 @@ from governor.usage_log.records import UsageRecord
 from governor.usage_log.sinks import MemorySink, RedisStreamSink, sink_for
 from tests.helpers import Result, make_scope
 
+_L = TypeVar("_L")
 KEY = "ck_rel_" + "s3cr3t" * 6  # the raw key the security scan looks for
 ACCOUNT = "acme"
 OPENING = 1_000_000
@@ -85,7 +86,7 @@ def make_config(
             pool_timeout_s=2 * timeout_s,
         )
     base = Config()
-    for section in ("ratelimit", "billing", "breaker", "fingerprint", "usage"):
+    for section in ("admission", "ratelimit", "billing", "breaker", "fingerprint", "usage"):
         current = sections.pop(section, getattr(base, section))
         changes: dict[str, Any] = {}
         if section in fail:
@@ -172,6 +173,23 @@ class Stack:
             return list(sink.records)
         assert isinstance(sink, RedisStreamSink)
         return list(reversed(await sink.recent(_key_id(), n)))
+
+    def layer(self, cls: type[_L]) -> _L:
+        """The governor middleware of type *cls* in this stack."""
+        app: Any = self.app
+        while app is not None:
+            if isinstance(app, cls):
+                return app
+            app = getattr(app, "app", None)
+        raise LookupError(cls.__name__)
+
+    async def slots(self, model: str = "gpt-5-5") -> tuple[int, int]:
+        """(slots held, requests queued) of *model*, shared pool and local fallback."""
+        mw = self.layer(AdmissionMiddleware)
+        pool = mw._pools[model]
+        shared = await mw.slots.stats(pool)
+        local = await mw._fallback.stats(mw._share(pool))
+        return shared.held + local.held, shared.queued + local.queued
 
     async def ledger(self) -> tuple[int, int, int]:
         """(balance, credits held, reservations live) of the test account."""

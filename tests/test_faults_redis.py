@@ -38,7 +38,7 @@ from tests.helpers import Result
 
 pytestmark = pytest.mark.redis
 
-GUARDS = ("fingerprint", "breaker", "ratelimit", "billing")
+GUARDS = ("fingerprint", "breaker", "ratelimit", "billing", "admission")
 ALL_OPEN = {g: "open" for g in GUARDS}
 DEGRADED = h.DEGRADED
 
@@ -81,10 +81,16 @@ async def recovered(stack: Stack, path: str = CHAT, body: Any = None) -> bool:
 
 
 async def ledger_settled(stack: Stack) -> tuple[int, int, int]:
+    """The ledger, asserting no credit is held, and no slot held or queued."""
     balance, held, live = await stack.ledger()
     assert held == 0, f"{held} credits still held"
     assert live == 0, f"{live} reservations still live"
+    assert await stack.slots() == (0, 0), "slots still held or queued"
     return balance, held, live
+
+
+async def no_slots(stack: Stack) -> bool:
+    return await stack.slots() == (0, 0)
 
 
 async def charge_of(stack: Stack, body: Any, path: str = CHAT) -> int:
@@ -117,7 +123,7 @@ async def test_down_at_start_fail_open_holds_fair_share(
         # The model's fleet RPM of 8 over 4 workers: 2 per worker, never 8.
         assert statuses == [200, 200, 429, 429], statuses
         assert error_shape(results[2], CHAT) is None
-        assert results[0].header(DEGRADED) == "fingerprint,breaker,ratelimit,billing"
+        assert results[0].header(DEGRADED) == "fingerprint,breaker,ratelimit,billing,admission"
         assert results[0].json()["choices"][0]["message"]["content"]
         gauges = degraded_gauges(stack)
         assert all(gauges[g] == 1 for g in GUARDS), gauges
@@ -134,8 +140,9 @@ async def test_down_at_start_fail_open_holds_fair_share(
         "Redis down at start (fail_mode=open everywhere)",
         "all guards / proxy refuses connections",
         "served; local limits at limit // fallback_workers; degraded header + gauge",
-        "model RPM 8 held at 2 per worker (2 served, then 429 in shape); header "
-        "`fingerprint,breaker,ratelimit,billing`; gauges 1 then 0; served unbilled while down",
+        "model RPM 8 held at 2 per worker (2 served, then 429 in shape); slots at "
+        "concurrency // 4; header `fingerprint,breaker,ratelimit,billing,admission`; "
+        "gauges 1 then 0; served unbilled while down; 0 slots held after",
         recovery_s=recovery,
     )
 
@@ -145,6 +152,7 @@ CLOSED_REASONS = {
     "breaker": "circuit breaker cannot reach its shared state",
     "ratelimit": "Rate limits cannot be checked",
     "billing": "Billing is temporarily unavailable",
+    "admission": "Admission control cannot reach its shared state",
 }
 
 
@@ -233,9 +241,13 @@ async def test_killed_under_load(
             assert error_shape(r, CHAT) is None
             assert "billing" in (r.header(DEGRADED) or "")
         assert stack.metric("governor_degraded", guard="billing") == 1
+        # The streams' slots could not be released while Redis was down.
+        failed_releases = stack.metric("governor_admission_backend_errors_total", op="release")
+        assert 1 <= failed_releases <= streams
         proxy.restore()
         t0 = time.monotonic()
         await wait_for(lambda: recovered(stack))
+        await wait_for(lambda: no_slots(stack))
         recovery = time.monotonic() - t0
         balance, _, _ = await ledger_settled(stack)
         plain = sum(1 for r in await stack.records() if r.outcome == "success" and not r.stream)
@@ -255,7 +267,8 @@ async def test_killed_under_load(
         "billing (closed), ratelimit/breaker/fingerprint (open), usage sink redis",
         "streams finish; new requests 503; settlements retried; records buffered",
         f"8/8 streams completed; 5/5 new requests 503 in shape; {retried:.0f} settlements "
-        f"retried, every success charged once ({charge} credits each); 0 held; every "
+        f"and {failed_releases:.0f} slot releases retried once Redis was back: every "
+        f"success charged once ({charge} credits each), 0 credits or slots held; every "
         "usage record in Redis",
         recovery_s=recovery,
     )

@@ -28,6 +28,7 @@ from governor.admission.base import (
 )
 from governor.admission.memory import MemorySlots
 from governor.context import RequestContext, Surface
+from governor.degraded import degraded_for
 from governor.errors import BackendError, Overloaded, RateLimited, RequestError, Shape
 from governor.runtime import Governor
 from governor.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
@@ -156,6 +157,7 @@ class AdmissionMiddleware:
         self.slots: SlotBackend = slots
         # Used only while the shared backend is down and fail_mode is "open".
         self._fallback = MemorySlots(limits)
+        self.degraded = degraded_for(self.governor)
         self._down_until = float("-inf")
         self._output_reserve = gov.config.ratelimit.default_output_reserve
         self._pools = {
@@ -163,6 +165,7 @@ class AdmissionMiddleware:
             for m in gov.catalog.values()
         }
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._retries: set[asyncio.Future[Any]] = set()
         self._closed = False
         metrics = gov.metrics
         self._in_flight = metrics.gauge(
@@ -200,6 +203,8 @@ class AdmissionMiddleware:
         if self._closed:
             return
         self._closed = True
+        for retry in self._retries:
+            retry.cancel()  # the leases expire by themselves within their TTL
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._owns_slots:
@@ -269,9 +274,7 @@ class AdmissionMiddleware:
                 try:
                     await slots.release(lease, held_s)
                 except BackendError as exc:
-                    # The lease expires by itself within its TTL.
-                    self._backend_errors.labels("release").inc()
-                    log.warning("admission: release failed: %s", exc)
+                    self._release_failed(slots, lease, held_s, exc)
             if admitted:
                 meters.in_flight.dec()
 
@@ -354,15 +357,21 @@ class AdmissionMiddleware:
         """A lease of *pool*: (backend, lease, waited, degraded). Raises Rejected, _Gone,
         or BackendError when the shared backend is down and fail_mode is "closed"."""
         clock = self.governor.clock
+        mode = self.config.fail_mode
         if clock.monotonic() < self._down_until:
-            if self.config.fail_mode == "closed":
+            self.degraded.mark(ctx, "admission", mode)
+            if mode == "closed":
                 raise BackendError("admission: the slot backend is down")
             return await self._take(
                 self._fallback, self._share(pool), ctx, tokens, receiver, deadline
             ) + (True,)
         try:
-            return await self._take(self.slots, pool, ctx, tokens, receiver, deadline) + (False,)
+            taken = await self._take(self.slots, pool, ctx, tokens, receiver, deadline)
+            if not self.slots.in_process:
+                self.degraded.healthy("admission")
+            return (*taken, False)
         except BackendError as exc:
+            self.degraded.mark(ctx, "admission", mode)
             self._backend_errors.labels("admit").inc()
             self._down_until = clock.monotonic() + BACKEND_RETRY_S
             log.warning(
@@ -452,8 +461,33 @@ class AdmissionMiddleware:
         try:
             await slots.release(lease, None)
         except BackendError as exc:
-            self._backend_errors.labels("release").inc()
-            log.warning("admission: release failed: %s", exc)
+            self._release_failed(slots, lease, None, exc)
+
+    def _release_failed(
+        self, slots: SlotBackend, lease: Lease, held_s: float | None, exc: BackendError
+    ) -> None:
+        # The lease expires by itself within its TTL (it is no longer renewed); a
+        # release retried until Redis answers gives the slot back sooner. Releases
+        # are idempotent, so a retry after a lost reply does no harm.
+        self._backend_errors.labels("release").inc()
+        log.warning("admission: release failed, retrying: %s", exc)
+        retry = self._spawn(self._retry_release(slots, lease, held_s))
+        self._retries.add(retry)
+        retry.add_done_callback(self._retries.discard)
+
+    async def _retry_release(self, slots: SlotBackend, lease: Lease, held_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.lease_ttl_s
+        delay = 0.05
+        while loop.time() + delay < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await slots.release(lease, held_s)
+            except BackendError:
+                delay = min(delay * 2, 2.0)
+                continue
+            self.degraded.healthy("admission")
+            return
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
