@@ -191,6 +191,15 @@ class Stack:
         local = await mw._fallback.stats(mw._share(pool))
         return shared.held + local.held, shared.queued + local.queued
 
+    async def all_slots(self) -> tuple[int, int]:
+        """(slots held, requests queued) summed over every model."""
+        mw = self.layer(AdmissionMiddleware)
+        held = queued = 0
+        for model in mw._pools:
+            h, q = await self.slots(model)
+            held, queued = held + h, queued + q
+        return held, queued
+
     async def ledger(self) -> tuple[int, int, int]:
         """(balance, credits held, reservations live) of the test account."""
         await retries_for(self.governor, ledger_for(self.governor)).drain()

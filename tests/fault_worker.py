@@ -1,8 +1,8 @@
 """A worker process that dies mid-stream (tests/test_faults_worker.py).
 
 ``python -m tests.fault_worker <redis url> <prefix> <lease s>`` runs the full stack on
-the Redis backend, starts a slow stream (it holds a billing reservation and rate
-budget), prints ``HOLDING <request id>`` once the first chunk arrived, and waits to be
+the Redis backend, starts a slow stream (it holds a slot, a billing reservation and
+rate budget), prints ``HOLDING <request id>`` once the first chunk arrived, and waits to be
 SIGKILLed.
 """
 
@@ -12,11 +12,17 @@ import asyncio
 import sys
 from typing import Any
 
+from governor.config import AdmissionConfig
 from tests.fault_support import CHAT, chat, full_stack, make_config
 
 
 async def main(url: str, prefix: str, lease_s: float) -> None:
-    config = make_config(redis_url=url, prefix=prefix, reservation_ttl_s=lease_s)
+    config = make_config(
+        redis_url=url,
+        prefix=prefix,
+        reservation_ttl_s=lease_s,
+        admission=AdmissionConfig(lease_ttl_s=lease_s, heartbeat_s=lease_s / 3),
+    )
     async with full_stack(config) as stack:
         started = asyncio.Event()
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
-import governor
 from governor.backends import Backend
-from tests.fault_support import CHAT, OPENING, chat, full_stack, make_config
+from governor.config import ModelEntry
+from tests.fault_support import CHAT, OPENING, chat, full_stack, make_config, wait_for
 from tests.faults_report import _Recorder
 
 
@@ -24,6 +22,7 @@ def kind(backend: Backend) -> str:
 async def settled(stack: Any) -> None:
     balance, held, live = await stack.ledger()
     assert (balance, held, live) == (OPENING, 0, 0)
+    assert await stack.slots() == (0, 0)
 
 
 async def test_disconnect_before_first_byte(backend: Backend, faults: _Recorder) -> None:
@@ -54,9 +53,9 @@ async def test_disconnect_before_first_byte(backend: Backend, faults: _Recorder)
     faults.record(
         "Client disconnects before the first byte",
         f"billing, breaker, usage log / {kind(backend)}",
-        "upstream call closed; hold released; record `disconnected`; breaker neutral",
-        "upstream saw the disconnect; 0 credits charged or held; one usage record "
-        "`disconnected`; breaker counted it neutral",
+        "upstream call closed; slot and hold released; record `disconnected`; breaker neutral",
+        "upstream saw the disconnect; 0 slots and 0 credits held, 0 charged; one usage "
+        "record `disconnected`; breaker counted it neutral",
     )
 
 
@@ -83,18 +82,14 @@ async def test_disconnect_mid_stream(backend: Backend, faults: _Recorder) -> Non
     faults.record(
         "Client disconnects mid-stream",
         f"billing, usage log / {kind(backend)}",
-        "upstream stream closed; hold released (failed requests are not charged); record",
-        "upstream saw the disconnect; 0 credits charged or held; one usage record `disconnected`",
+        "upstream stream closed; slot and hold released (not charged); record",
+        "upstream saw the disconnect; 0 slots and 0 credits held, 0 charged; one usage "
+        "record `disconnected`",
     )
 
 
-@pytest.mark.skipif(
-    not hasattr(governor, "AdmissionMiddleware"), reason="admission (issue 4) not merged yet"
-)
 async def test_disconnect_while_queued(backend: Backend, faults: _Recorder) -> None:
-    """A client leaving the queue takes no slot with it: the next request gets the slot."""
-    from governor.config import ModelEntry
-
+    """A client leaving the queue takes no slot with it and holds nothing; recorded."""
     config = make_config(models={"gpt-5-5": ModelEntry(concurrency=1)})
     async with full_stack(config, backend=backend) as stack:
         first_chunk = asyncio.Event()
@@ -112,20 +107,29 @@ async def test_disconnect_while_queued(backend: Backend, faults: _Recorder) -> N
         await asyncio.wait_for(first_chunk.wait(), 5)
         gone = asyncio.Event()
         queued = asyncio.create_task(stack.call(CHAT, chat(), gone=gone))
-        await asyncio.sleep(0)  # let it reach the queue
+
+        async def in_queue() -> bool:
+            return await stack.slots() == (1, 1)
+
+        await wait_for(in_queue, timeout=5, step=0.005)
         gone.set()
-        await asyncio.wait_for(queued, 5)
+        left = await asyncio.wait_for(queued, 5)
+        assert left.status == 0  # nothing sent to a client that left
+        assert await stack.slots() == (1, 0)  # it left the queue and took no slot
         assert (await holder).status == 200
         after = await stack.call(CHAT, chat())
         assert after.status == 200
+        assert int(after.header("X-Hypereal-Managed-Queue-Wait-Ms") or 0) < 100  # no wait
         assert len(stack.mock.requests) == 2  # the one that left never reached upstream
+        assert await stack.slots() == (0, 0)
         _, held, live = await stack.ledger()
         assert (held, live) == (0, 0)
-        outcomes = sorted(r.outcome for r in await stack.records())
-        assert "disconnected" in outcomes or "refused" in outcomes
+        outcomes = [r.outcome for r in await stack.records()]
+        assert outcomes.count("disconnected") == 1
     faults.record(
         "Client disconnects while queued",
-        f"admission / {kind(backend)}",
-        "no slot leaked; no reservation left",
-        "next request took the slot at once; the queued one never reached the upstream",
+        f"admission, billing, usage log / {kind(backend)}",
+        "leaves the queue at once; no slot leaked; hold released; record",
+        "left the queue at once (1 held, 0 queued); next request admitted without "
+        "waiting; never reached the upstream; 0 credits held; record `disconnected`",
     )

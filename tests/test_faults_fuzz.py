@@ -152,6 +152,7 @@ async def _check(stack: Stack, path: str, body: bytes, headers: list[tuple[str, 
         assert error_shape(result, path) is None, error_shape(result, path)
     _, held, live = await stack.ledger()
     assert (held, live) == (0, 0), "a reservation leaked"
+    assert await stack.all_slots() == (0, 0), "a slot leaked"
     reached = len(stack.mock.requests) - upstream_before
     assert rate_hits(stack) - hits_before == reached, "rate budget taken without an upstream call"
     return int(result.status)
@@ -179,6 +180,7 @@ def test_fuzz_surface(path: str, faults: _Recorder) -> None:
     faults.record(
         f"fuzzed input on {path}",
         "every layer / memory backend, mock upstream",
-        "never 5xx; no reservation or rate hit leaked; errors in the caller's shape",
-        f"{sum(statuses.values())} requests ({seen}); 0 held; rate hits == upstream calls",
+        "never 5xx; no slot, reservation or rate hit leaked; errors in the caller's shape",
+        f"{sum(statuses.values())} requests ({seen}); 0 slots and 0 credits held after "
+        "each; rate hits == upstream calls",
     )

@@ -181,6 +181,7 @@ async def test_upstream_fault(case: Case, faults: _Recorder) -> None:
         assert record.outcome == case.outcome
         balance, held, live = await stack.ledger()
         assert (held, live) == (0, 0)
+        assert await stack.slots(_model(case.path)) == (0, 0)
         if case.charged:
             assert record.credits_charged == record.credits_reserved > 0
             assert balance == OPENING - record.credits_charged
@@ -206,7 +207,7 @@ async def test_upstream_fault(case: Case, faults: _Recorder) -> None:
         else "no charge for a failure; breaker counts it; caller gets its own error shape",
         f"{case.status or 'connection aborted'} to the caller"
         f"{' in its shape' if case.error else ''}; {charge}; "
-        f"0 held; breaker `{case.verdict}`; record `{case.outcome}`",
+        f"0 slots or credits held; breaker `{case.verdict}`; record `{case.outcome}`",
     )
 
 

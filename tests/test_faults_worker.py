@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from governor.config import AdmissionConfig
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.fault_support import (
     CHAT,
@@ -60,11 +61,17 @@ async def test_worker_killed_mid_stream(redis: Redis, faults: _Recorder) -> None
         if not line.startswith(b"HOLDING"):
             assert proc.stderr is not None
             raise AssertionError((line, await proc.stderr.read()))
-        config = make_config(redis_url=REDIS_URL, prefix=prefix, reservation_ttl_s=LEASE_S)
+        config = make_config(
+            redis_url=REDIS_URL,
+            prefix=prefix,
+            reservation_ttl_s=LEASE_S,
+            admission=AdmissionConfig(lease_ttl_s=LEASE_S, heartbeat_s=LEASE_S / 3),
+        )
         async with full_stack(config) as stack:
             _, held, live = await stack.ledger()
             assert held > 0
             assert live == 1
+            assert await stack.slots() == (1, 0)  # the worker's slot, fleet-wide
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             killed = time.monotonic()
@@ -76,6 +83,11 @@ async def test_worker_killed_mid_stream(redis: Redis, faults: _Recorder) -> None
                 _, held, live = await stack.ledger()
                 return held == 0 and live == 0
 
+            async def slot_back() -> bool:
+                return await stack.slots() == (0, 0)
+
+            await wait_for(slot_back, timeout=10, step=0.05)
+            slot_s = time.monotonic() - killed
             await wait_for(released, timeout=10, step=0.1)
             recovery = time.monotonic() - killed
             balance, held, live = await stack.ledger()
@@ -83,6 +95,7 @@ async def test_worker_killed_mid_stream(redis: Redis, faults: _Recorder) -> None
             charge = (OPENING - balance) // max(served, 1)
             # Only this worker's own successful requests were charged, once each.
             assert OPENING - balance == served * charge
+            assert slot_s <= LEASE_S + 1.5, slot_s
             assert recovery <= LEASE_S + 1.5, recovery
     finally:
         if proc.returncode is None:
@@ -91,9 +104,10 @@ async def test_worker_killed_mid_stream(redis: Redis, faults: _Recorder) -> None
         await drop_prefix(redis, prefix)
     faults.record(
         "Worker SIGKILLed mid-stream",
-        "billing reservation (lease) / real process on Redis",
-        "its hold comes back within the lease; ledger consistent",
-        f"hold released {recovery:.2f} s after the kill (lease {LEASE_S:.0f} s), by the next "
-        "reservation on the account; the killed request was never charged; 0 held",
+        "admission slot and billing reservation (leases) / real process on Redis",
+        "its slot and hold come back within the lease TTL; ledger consistent",
+        f"slot back {slot_s:.2f} s and hold released {recovery:.2f} s after the kill "
+        f"(leases {LEASE_S:.0f} s; the hold by the next reservation on the account); the "
+        "killed request was never charged; 0 slots, 0 credits held",
         recovery_s=recovery,
     )
