@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from governor import headers as h
-from governor.config import RateLimitConfig
+from governor.config import AdmissionConfig, ModelEntry, RateLimitConfig
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.fault_support import (
     CHAT,
@@ -270,6 +270,62 @@ async def test_killed_under_load(
         f"and {failed_releases:.0f} slot releases retried once Redis was back: every "
         f"success charged once ({charge} credits each), 0 credits or slots held; every "
         "usage record in Redis",
+        recovery_s=recovery,
+    )
+
+
+async def test_killed_while_requests_queue(
+    proxy: FaultProxy, prefix: str, faults: _Recorder
+) -> None:
+    """Redis cut while requests wait for a slot: they finish locally; no slot stuck."""
+    config = make_config(
+        redis_url=proxied(proxy),
+        prefix=prefix,
+        fail=ALL_OPEN,
+        models={"gpt-5-5": ModelEntry(concurrency=2)},
+        admission=AdmissionConfig(max_wait_s=5.0, fallback_workers=2),
+    )
+    slow = {"x-mock-chunk-delay-ms": "60"}
+    async with full_stack(config) as stack:
+        first = asyncio.Event()
+
+        def seen(messages: list[Any]) -> bool:
+            if any(m.get("body") for m in messages if m["type"] == "http.response.body"):
+                first.set()
+            return False
+
+        holders = [
+            asyncio.create_task(stack.call(CHAT, chat(stream=True), headers=slow, disconnect=seen))
+            for _ in range(2)
+        ]
+        await asyncio.wait_for(first.wait(), 5)
+        waiters = [asyncio.create_task(stack.call(CHAT, chat())) for _ in range(3)]
+
+        async def queued() -> bool:
+            return (await stack.slots())[1] == 3
+
+        await wait_for(queued, timeout=5, step=0.005)
+        proxy.kill()
+        results: list[Result] = await asyncio.gather(*holders, *waiters)
+        statuses = sorted(r.status for r in results)
+        for r in results:
+            if r.status != 200:
+                assert error_shape(r, CHAT) is None
+        # Every waiter was served: locally, at the fair share of 2 // 2 = 1 slot.
+        assert statuses == [200] * 5, statuses
+        assert all("admission" in (r.header(DEGRADED) or "") for r in results[2:])
+        proxy.restore()
+        t0 = time.monotonic()
+        await wait_for(lambda: recovered(stack))
+        await wait_for(lambda: no_slots(stack))
+        recovery = time.monotonic() - t0
+        await ledger_settled(stack)
+    faults.record(
+        "Redis killed while requests wait for a slot",
+        "admission (open) / proxy cuts every connection",
+        "waiters finish on local slots at a fair share; no slot stuck after",
+        "2 streams and 3 queued requests all served (the waiters locally, one at a time: "
+        "concurrency 2 // 2 workers); 0 slots held or queued and 0 credits held after",
         recovery_s=recovery,
     )
 

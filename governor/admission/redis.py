@@ -64,6 +64,7 @@ class _RedisWaiter(Waiter):
         self._hinted = False
         self._gone = False
         self._lease: Lease | None = None
+        self._error: BackendError | None = None
 
     @property
     def ahead(self) -> int:
@@ -85,11 +86,19 @@ class _RedisWaiter(Waiter):
         self._gone = True
         self._signal.set()
 
+    def _fail(self, exc: BackendError) -> None:
+        # Redis stopped answering while we wait: the middleware applies the fail mode
+        # (a local slot at the fair share, or 503) instead of waiting out max_wait_s.
+        self._error = exc
+        self._signal.set()
+
     async def wait(self) -> Lease:
         slots = self._slots
         while True:
             if self._lease is not None:
                 return self._lease
+            if self._error is not None:
+                raise self._error
             if self._gone:
                 # Our place lapsed (this worker stalled past the liveness window):
                 # join again with the same ticket.
@@ -363,6 +372,8 @@ class RedisSlots(SlotBackend):
                     await self._poll(pool, list(waiting.values()))
                 except BackendError as exc:
                     log.warning("admission: poll failed: %s", exc)
+                    for waiter in list(waiting.values()):
+                        waiter._fail(exc)
 
     async def _heartbeat_loop(self) -> None:
         """Renews this worker's leases: one call per model every ``heartbeat_s``; also
