@@ -124,6 +124,8 @@ async def test_down_at_start_fail_open_holds_fair_share(
         assert statuses == [200, 200, 429, 429], statuses
         assert error_shape(results[2], CHAT) is None
         assert results[0].header(DEGRADED) == "fingerprint,breaker,ratelimit,billing,admission"
+        # Slots too at a fair share: the model's 80 over admission.fallback_workers = 4.
+        assert results[0].header(h.CONCURRENCY_LIMIT) == "20"
         assert results[0].json()["choices"][0]["message"]["content"]
         gauges = degraded_gauges(stack)
         assert all(gauges[g] == 1 for g in GUARDS), gauges
@@ -378,15 +380,27 @@ async def _no_holds(stack: Stack) -> bool:
 async def test_flushed_keeps_suspension(
     redis: Redis, proxy: FaultProxy, prefix: str, faults: _Recorder
 ) -> None:
-    """Redis loses every key: a suspension this worker knew is written back, never lifted."""
+    """Redis loses every key mid-stream: a suspension this worker knew is written back,
+    never lifted; the stream settles; no slot or hold is left behind."""
     from governor.fingerprint.store import Suspension
     from governor.keys import key_id
     from tests.fault_support import KEY
 
     config = make_config(redis_url=proxied(proxy), prefix=prefix)
     async with full_stack(config) as stack:
-        ok = await stack.call(CHAT, chat())
-        assert ok.status == 200
+        first_chunk = asyncio.Event()
+
+        def seen(messages: list[Any]) -> bool:
+            if any(m.get("body") for m in messages if m["type"] == "http.response.body"):
+                first_chunk.set()
+            return False
+
+        in_flight = asyncio.create_task(
+            stack.call(
+                CHAT, chat(stream=True), headers={"x-mock-chunk-delay-ms": "60"}, disconnect=seen
+            )
+        )
+        await asyncio.wait_for(first_chunk.wait(), 5)
         kid = key_id(KEY)
         susp_key = f"{prefix}:fp:{{{kid}}}:susp"
         record = Suspension(key_id=kid, account="acme", reasons=("test",), at=time.time())
@@ -401,17 +415,24 @@ async def test_flushed_keeps_suspension(
         assert again.status == 403, again.body  # not lifted by the flush
         assert await redis.exists(susp_key) == 1  # written back
         recovery = time.monotonic() - t0
-        # Ledger after the flush: re-seeded, consistent (held never below zero).
-        _, held, live = await stack.ledger()
-        assert held >= 0
+        streamed = await in_flight
+        assert streamed.status == 200
+        assert b"[DONE]" in streamed.body
+        # The stream's hold and slot vanished with the flush: its settlement charges the
+        # re-seeded balance once, its release is a no-op; nothing negative, nothing stuck.
+        balance, held, live = await stack.ledger()
+        assert held == 0
         assert live == 0
+        assert balance <= OPENING
+        assert await stack.slots() == (0, 0)
     faults.record(
-        "Redis flushed (every key of the prefix deleted)",
-        "fingerprint suspensions; billing ledger; rate counters",
-        "suspensions survive; ledger consistent (no negative hold)",
-        "suspended key still 403 and its record written back (epoch changed); "
-        "ledger re-seeded at the opening balance, 0 held (a flush loses balances: "
-        "run Redis with persistence); rate windows restart",
+        "Redis flushed (every key of the prefix deleted) mid-stream",
+        "fingerprint suspensions; billing ledger; admission slots; rate counters",
+        "suspensions survive; ledger and slots consistent (nothing negative or stuck)",
+        "suspended key still 403 and its record written back (epoch changed); the "
+        "in-flight stream completed and settled once; 0 slots and 0 credits held; "
+        "balances restart at the opening balance and rate windows restart (a flush "
+        "loses them: run Redis with persistence)",
         recovery_s=recovery,
     )
 
