@@ -1,26 +1,34 @@
 """In-process micro-benchmark: the per-request cost of each governor middleware and of
 the full stack over a bare app, by direct ASGI calls (no sockets, no HTTP client).
 
-    python -m benchmarks.micro [--requests 20000] [--repeat 5]
+    python -m benchmarks.micro [--requests 20000] [--repeat 5] [--json]
+                               [--redis-url redis://127.0.0.1:6379/0]
 
 Each variant runs the same request against the same trivial app; the figure is the best
 of several repeats of the median-free mean (µs per request), and the overhead is that
 minus the bare app's figure from the same run. Limits are raised far above the request
 count so that no guard refuses: what is measured is the cost of admitting.
+
+With ``--redis-url`` the full stack also runs on the Redis backend (a unique key
+prefix, its keys deleted afterwards), and the Redis commands and round trips governor
+sends per request are counted inside redis-py (exact, whoever else uses the server).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import gc
 import json
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import governor as g
-from governor.config import BillingConfig, Config, ModelEntry, RateLimitConfig
+from governor.config import BillingConfig, Config, ModelEntry, RateLimitConfig, RedisConfig
 from governor.types import ASGIApp, Message, Receive, Scope, Send
 
 BODY = json.dumps(
@@ -57,15 +65,19 @@ async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": RESPONSE})
 
 
-def bench_config() -> Config:
+def bench_config(redis_url: str | None = None, prefix: str = "gov") -> Config:
     huge = 10**12
-    return Config(
+    config = Config(
         demo_keys=True,
         ratelimit=RateLimitConfig(account_rpm=huge),
         billing=BillingConfig(default_balance=huge),
         accounts={},
         models={"gpt-5-5": ModelEntry(rpm=huge, tpm=huge, concurrency=10_000)},
     )
+    if redis_url is None:
+        return config
+    redis = RedisConfig(url=redis_url, key_prefix=prefix)
+    return dataclasses.replace(config, backend="redis", redis=redis)
 
 
 def _scope() -> Scope:
@@ -85,7 +97,7 @@ def _scope() -> Scope:
     }
 
 
-async def run_variant(app: ASGIApp, requests: int) -> float:
+async def run_variant(app: ASGIApp, requests: int, warmup: int = 200) -> float:
     """Mean µs per request over *requests* sequential calls."""
     body_message: Message = {"type": "http.request", "body": BODY, "more_body": False}
     statuses: list[int] = []
@@ -97,7 +109,7 @@ async def run_variant(app: ASGIApp, requests: int) -> float:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    for _ in range(200):  # warm up caches, lazily started tasks, script loads
+    for _ in range(warmup):  # warm up caches, lazily started tasks, script loads
         await app(_scope(), receive, send)
     statuses.clear()
     gc.collect()
@@ -150,6 +162,72 @@ async def main_async(requests: int, repeat: int) -> list[tuple[str, float]]:
     return results
 
 
+class RedisCounter:
+    """Counts the commands and round trips redis-py sends, by patching it in this process."""
+
+    def __init__(self) -> None:
+        self.commands = 0
+        self.round_trips = 0
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[RedisCounter]:
+        from redis.asyncio.client import Pipeline, Redis
+        from redis.asyncio.connection import AbstractConnection
+
+        execute_command = Redis.execute_command
+        pipeline_execute = Pipeline.execute
+        send_packed = AbstractConnection.send_packed_command
+        counter = self
+
+        async def counted_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.commands += 1
+            return await execute_command(self, *args, **kwargs)
+
+        async def counted_pipeline(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.commands += len(self.command_stack)
+            return await pipeline_execute(self, *args, **kwargs)
+
+        async def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.round_trips += 1
+            return await send_packed(self, *args, **kwargs)
+
+        Redis.execute_command = counted_command  # type: ignore[method-assign]
+        Pipeline.execute = counted_pipeline  # type: ignore[method-assign]
+        AbstractConnection.send_packed_command = counted_send  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            Redis.execute_command = execute_command  # type: ignore[method-assign]
+            Pipeline.execute = pipeline_execute  # type: ignore[method-assign]
+            AbstractConnection.send_packed_command = send_packed  # type: ignore[method-assign]
+
+
+async def redis_variant(redis_url: str, requests: int) -> dict[str, Any]:
+    """The full stack on the Redis backend: µs/request and what it sends to Redis."""
+    prefix = f"bench-micro-{uuid.uuid4().hex[:8]}"
+    gov = g.Governor(bench_config(redis_url, prefix))
+    counter = RedisCounter()
+    try:
+        app = g.wrap(upstream, gov)
+        await run_variant(app, 50)  # scripts loaded, pool filled
+        with counter.patched():
+            us = await run_variant(app, requests, warmup=0)
+        info = await gov.backend.redis.info("server")  # type: ignore[attr-defined]
+        version = str(info.get("redis_version", "?"))
+        keys = [k async for k in gov.backend.redis.scan_iter(match=f"{prefix}*")]  # type: ignore[attr-defined]
+        for i in range(0, len(keys), 500):
+            await gov.backend.redis.unlink(*keys[i : i + 500])  # type: ignore[attr-defined]
+    finally:
+        await gov.aclose()
+    return {
+        "us": us,
+        "requests": requests,
+        "commands_per_request": counter.commands / requests,
+        "round_trips_per_request": counter.round_trips / requests,
+        "redis_version": version,
+    }
+
+
 def report(results: list[tuple[str, float]]) -> str:
     bare = results[0][1]
     lines = [
@@ -165,8 +243,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="JSON for benchmarks.run")
+    parser.add_argument("--redis-url", default=None, help="also the full stack on Redis")
     args = parser.parse_args()
-    print(report(asyncio.run(main_async(args.requests, args.repeat))))
+    results = asyncio.run(main_async(args.requests, args.repeat))
+    redis = None
+    if args.redis_url:
+        redis = asyncio.run(redis_variant(args.redis_url, max(200, args.requests // 10)))
+    if args.json:
+        out = {
+            "requests": args.requests,
+            "repeat": args.repeat,
+            "results": [{"name": n, "us": us} for n, us in results],
+            "redis": redis,
+        }
+        print(json.dumps(out))
+        return
+    print(report(results))
+    if redis is not None:
+        print(
+            f"\nfull stack on Redis: {redis['us']:.0f} µs/request, "
+            f"{redis['commands_per_request']:.2f} commands and "
+            f"{redis['round_trips_per_request']:.2f} round trips per request"
+        )
 
 
 if __name__ == "__main__":
