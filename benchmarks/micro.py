@@ -97,8 +97,13 @@ def _scope() -> Scope:
     }
 
 
-async def run_variant(app: ASGIApp, requests: int, warmup: int = 200) -> float:
-    """Mean µs per request over *requests* sequential calls."""
+async def run_variant(
+    app: ASGIApp,
+    requests: int,
+    warmup: int = 200,
+    before_each: Callable[[], None] | None = None,
+) -> float:
+    """Mean µs per request over *requests* sequential calls (*before_each* runs before each)."""
     body_message: Message = {"type": "http.request", "body": BODY, "more_body": False}
     statuses: list[int] = []
 
@@ -115,6 +120,8 @@ async def run_variant(app: ASGIApp, requests: int, warmup: int = 200) -> float:
     gc.collect()
     started = time.perf_counter()
     for _ in range(requests):
+        if before_each is not None:
+            before_each()
         await app(_scope(), receive, send)
     elapsed = time.perf_counter() - started
     bad = [s for s in statuses if s != 200]
@@ -126,6 +133,7 @@ async def run_variant(app: ASGIApp, requests: int, warmup: int = 200) -> float:
 # name -> builder of (app, governor); layers join as governor ships them.
 LAYERS = (
     "ContextMiddleware",
+    "UsageLogMiddleware",
     "FingerprintMiddleware",
     "BreakerMiddleware",
     "RateGuardMiddleware",
@@ -134,17 +142,17 @@ LAYERS = (
 )
 
 
-def variants() -> dict[str, Callable[[g.Governor], ASGIApp]]:
-    out: dict[str, Callable[[g.Governor], ASGIApp]] = {"bare app": lambda gov: upstream}
+def variants(inner: ASGIApp = upstream) -> dict[str, Callable[[g.Governor], ASGIApp]]:
+    out: dict[str, Callable[[g.Governor], ASGIApp]] = {"bare app": lambda gov: inner}
 
     def layer(cls: Any) -> Callable[[g.Governor], ASGIApp]:
-        return lambda gov: cls(upstream, governor=gov)
+        return lambda gov: cls(inner, governor=gov)
 
     for name in LAYERS:
         cls: Any = getattr(g, name, None)
         if cls is not None:
             out[name] = layer(cls)
-    out["full stack (wrap)"] = lambda gov: g.wrap(upstream, gov)
+    out["full stack (wrap)"] = lambda gov: g.wrap(inner, gov)
     return out
 
 
@@ -181,7 +189,7 @@ class RedisCounter:
 
         async def counted_command(self: Any, *args: Any, **kwargs: Any) -> Any:
             counter.commands += 1
-            return await execute_command(self, *args, **kwargs)
+            return await execute_command(self, *args, **kwargs)  # type: ignore[no-untyped-call]
 
         async def counted_pipeline(self: Any, *args: Any, **kwargs: Any) -> Any:
             counter.commands += len(self.command_stack)
@@ -202,30 +210,53 @@ class RedisCounter:
             AbstractConnection.send_packed_command = send_packed  # type: ignore[method-assign]
 
 
-async def redis_variant(redis_url: str, requests: int) -> dict[str, Any]:
-    """The full stack on the Redis backend: µs/request and what it sends to Redis."""
-    prefix = f"bench-micro-{uuid.uuid4().hex[:8]}"
-    gov = g.Governor(bench_config(redis_url, prefix))
+async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
+    """Each layer and the full stack on the Redis backend: µs/request and what each sends."""
+    out: dict[str, Any] = {"requests": requests, "layers": []}
     counter = RedisCounter()
-    try:
-        app = g.wrap(upstream, gov)
-        await run_variant(app, 50)  # scripts loaded, pool filled
-        with counter.patched():
-            us = await run_variant(app, requests, warmup=0)
-        info = await gov.backend.redis.info("server")  # type: ignore[attr-defined]
-        version = str(info.get("redis_version", "?"))
-        keys = [k async for k in gov.backend.redis.scan_iter(match=f"{prefix}*")]  # type: ignore[attr-defined]
-        for i in range(0, len(keys), 500):
-            await gov.backend.redis.unlink(*keys[i : i + 500])  # type: ignore[attr-defined]
-    finally:
-        await gov.aclose()
-    return {
-        "us": us,
-        "requests": requests,
-        "commands_per_request": counter.commands / requests,
-        "round_trips_per_request": counter.round_trips / requests,
-        "redis_version": version,
-    }
+    starts: list[int] = []
+    entries: list[int] = []
+
+    async def marked(scope: Scope, receive: Receive, send: Send) -> None:
+        # Round trips so far when the request reaches the app: the admission path's.
+        entries.append(counter.round_trips)
+        await upstream(scope, receive, send)
+
+    for name, build in variants(marked).items():
+        if name == "bare app":
+            continue
+        prefix = f"bench-micro-{uuid.uuid4().hex[:8]}"
+        gov = g.Governor(bench_config(redis_url, prefix))
+        counter.commands = counter.round_trips = 0
+        try:
+            app = build(gov)
+            await run_variant(app, 50)  # scripts loaded, pool filled
+            starts.clear()
+            entries.clear()
+            with counter.patched():
+                us = await run_variant(
+                    app, requests, warmup=0, before_each=lambda: starts.append(counter.round_trips)
+                )
+            client: Any = getattr(gov.backend, "redis")  # noqa: B009 (Backend has no .redis)
+            out["redis_version"] = str((await client.info("server")).get("redis_version", "?"))
+            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+            for i in range(0, len(keys), 500):
+                await client.unlink(*keys[i : i + 500])
+        finally:
+            await gov.aclose()
+        row = {
+            "name": name,
+            "us": us,
+            "commands_per_request": counter.commands / requests,
+            "round_trips_per_request": counter.round_trips / requests,
+            "admission_round_trips": max(
+                (e - b for b, e in zip(starts, entries, strict=True)), default=0
+            ),
+        }
+        out["layers"].append(row)
+        if name == "full stack (wrap)":
+            out.update({k: v for k, v in row.items() if k != "name"})
+    return out
 
 
 def report(results: list[tuple[str, float]]) -> str:
@@ -239,6 +270,20 @@ def report(results: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def redis_report(redis: dict[str, Any]) -> str:
+    lines = [
+        "| variant (Redis backend) | µs / request | Redis commands / request "
+        "| round trips / request | round trips before the upstream call (most) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in redis["layers"]:
+        lines.append(
+            f"| {row['name']} | {row['us']:.0f} | {row['commands_per_request']:.2f} "
+            f"| {row['round_trips_per_request']:.2f} | {row['admission_round_trips']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
@@ -249,7 +294,7 @@ def main() -> None:
     results = asyncio.run(main_async(args.requests, args.repeat))
     redis = None
     if args.redis_url:
-        redis = asyncio.run(redis_variant(args.redis_url, max(200, args.requests // 10)))
+        redis = asyncio.run(redis_variants(args.redis_url, max(200, args.requests // 10)))
     if args.json:
         out = {
             "requests": args.requests,
@@ -261,11 +306,8 @@ def main() -> None:
         return
     print(report(results))
     if redis is not None:
-        print(
-            f"\nfull stack on Redis: {redis['us']:.0f} µs/request, "
-            f"{redis['commands_per_request']:.2f} commands and "
-            f"{redis['round_trips_per_request']:.2f} round trips per request"
-        )
+        print("\nOn the Redis backend:\n")
+        print(redis_report(redis))
 
 
 if __name__ == "__main__":
