@@ -93,6 +93,7 @@ def _cell(target: str, backend: str, workers: int, c: int, rps: float, **kw: Any
         "workers": workers,
         "stream": False,
         "concurrency": c,
+        "rate": None,
         "requests": int(rps),
         "errors": 0,
         "elapsed": 1.0,
@@ -166,6 +167,10 @@ def _results() -> dict[str, Any]:
         },
         "matrix": {
             "cells": cells,
+            "open_cells": [
+                _cell("bare", "-", 1, 0, 400.0, rate=400.0),
+                _cell("governed redis", "redis", 1, 0, 400.0, rate=400.0),
+            ],
             "redis_version": "7",
             "proxy_cores": [0],
             "client_cores": [1],
@@ -194,6 +199,7 @@ def test_report_renders_tables_targets_and_plots(tmp_path: Path) -> None:
     assert "| governed memory | 64 | 3,800 |" in report
     assert "95%" in report  # memory keeps 3800/4000 of the bare proxy's req/s
     assert "n/a (no layer uses Redis yet)" in report
+    assert "| governed redis | 400 | 400 | 10.50 |" in report  # the open-loop table
     assert "FAIL (not enforced: AdmissionMiddleware absent)" in report
     assert {p.name for p in tmp_path.glob("*.png")} == {"throughput.png", "latency.png", "cpu.png"}
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["run_id"] == "test"
