@@ -236,3 +236,30 @@ def test_invariant_verdict_passes_or_names_the_absent_layer() -> None:
     )
     assert broken["concurrency"] == "FAIL"
     assert broken["rpm"] == "FAIL (not enforced: RateGuardMiddleware absent)"
+
+
+def test_benchmark_configs_load_with_the_limits_they_promise() -> None:
+    """bench.toml raises gpt-5-5's limits far above a run; invariants.toml sets low ones."""
+    import governor
+
+    bench = governor.load_config(run.BENCH_TOML)
+    assert bench.demo_keys
+    fast = bench.catalog()["gpt-5-5"]
+    assert (fast.concurrency or 0) >= 10_000
+    assert (fast.rpm or 0) >= 10**8
+    low = governor.load_config(run.INVARIANTS_TOML).catalog()["gpt-5-5"]
+    assert low.concurrency == 8
+    assert low.rpm is not None
+    assert low.rpm < 160 * 60  # less than 8 slots x 50 ms could admit in a minute
+    assert run.stack_layers(run.BENCH_TOML)[0] == "ContextMiddleware"
+
+
+def test_bare_proxy_serves_the_forwarding_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bare proxy has the forwarding routes of the demo and no governor."""
+    from benchmarks import bare_proxy
+
+    monkeypatch.setenv(bare_proxy.UPSTREAM_ENV, "http://127.0.0.1:1")
+    app = bare_proxy.create_app()
+    paths = {getattr(r, "path", None) for r in app.routes}
+    assert "/v1/managed/chat/completions" in paths
+    assert "/v1/messages" in paths
