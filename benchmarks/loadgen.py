@@ -108,16 +108,25 @@ async def run(
     stream: bool = False,
     model: str = "gpt-5-5",
     key: str = "ck_bench",
+    keys: list[str] | None = None,
     extra_headers: dict[str, str] | None = None,
 ) -> Stats:
-    """Run one bounded load against *base_url* and return what it saw."""
+    """Run one bounded load against *base_url* and return what it saw.
+
+    With *keys*, closed-loop worker *i* (open loop: request *i*) uses ``keys[i % len]``:
+    several accounts share the load.
+    """
     url = base_url.rstrip("/") + PATH
     body = chat_body(model, stream)
-    headers = {
-        "authorization": f"Bearer {key}",
-        "content-type": "application/json",
-        **(extra_headers or {}),
-    }
+    key_list = keys or [key]
+    all_headers = [
+        {
+            "authorization": f"Bearer {k}",
+            "content-type": "application/json",
+            **(extra_headers or {}),
+        }
+        for k in key_list
+    ]
     stats = Stats()
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -127,13 +136,15 @@ async def run(
         if rate is None:
             remaining = requests
 
-            async def worker() -> None:
+            async def worker(headers: dict[str, str]) -> None:
                 nonlocal remaining
                 while remaining > 0 and time.perf_counter() < deadline:
                     remaining -= 1
                     await _one(session, url, body, headers, stats, time.perf_counter())
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(
+                *(worker(all_headers[i % len(all_headers)]) for i in range(concurrency))
+            )
         else:
             interval = 1.0 / rate
             tasks: set[asyncio.Task[None]] = set()
@@ -144,6 +155,7 @@ async def run(
                 delay = scheduled - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                headers = all_headers[i % len(all_headers)]
                 task = asyncio.create_task(_one(session, url, body, headers, stats, scheduled))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

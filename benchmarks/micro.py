@@ -1,26 +1,35 @@
 """In-process micro-benchmark: the per-request cost of each governor middleware and of
 the full stack over a bare app, by direct ASGI calls (no sockets, no HTTP client).
 
-    python -m benchmarks.micro [--requests 20000] [--repeat 5]
+    python -m benchmarks.micro [--requests 20000] [--repeat 5] [--json]
+                               [--redis-url redis://127.0.0.1:6379/0]
 
 Each variant runs the same request against the same trivial app; the figure is the best
 of several repeats of the median-free mean (µs per request), and the overhead is that
 minus the bare app's figure from the same run. Limits are raised far above the request
 count so that no guard refuses: what is measured is the cost of admitting.
+
+With ``--redis-url`` the full stack also runs on the Redis backend (a unique key
+prefix, its keys deleted afterwards), and the Redis commands and round trips governor
+sends per request are counted inside redis-py (exact, whoever else uses the server).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import gc
 import json
+import statistics
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import governor as g
-from governor.config import BillingConfig, Config, ModelEntry, RateLimitConfig
+from governor.config import BillingConfig, Config, ModelEntry, RateLimitConfig, RedisConfig
 from governor.types import ASGIApp, Message, Receive, Scope, Send
 
 BODY = json.dumps(
@@ -57,15 +66,19 @@ async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": RESPONSE})
 
 
-def bench_config() -> Config:
+def bench_config(redis_url: str | None = None, prefix: str = "gov") -> Config:
     huge = 10**12
-    return Config(
+    config = Config(
         demo_keys=True,
         ratelimit=RateLimitConfig(account_rpm=huge),
         billing=BillingConfig(default_balance=huge),
         accounts={},
         models={"gpt-5-5": ModelEntry(rpm=huge, tpm=huge, concurrency=10_000)},
     )
+    if redis_url is None:
+        return config
+    redis = RedisConfig(url=redis_url, key_prefix=prefix)
+    return dataclasses.replace(config, backend="redis", redis=redis)
 
 
 def _scope() -> Scope:
@@ -85,8 +98,13 @@ def _scope() -> Scope:
     }
 
 
-async def run_variant(app: ASGIApp, requests: int) -> float:
-    """Mean µs per request over *requests* sequential calls."""
+async def run_variant(
+    app: ASGIApp,
+    requests: int,
+    warmup: int = 200,
+    before_each: Callable[[], None] | None = None,
+) -> float:
+    """Mean µs per request over *requests* sequential calls (*before_each* runs before each)."""
     body_message: Message = {"type": "http.request", "body": BODY, "more_body": False}
     statuses: list[int] = []
 
@@ -97,12 +115,14 @@ async def run_variant(app: ASGIApp, requests: int) -> float:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    for _ in range(200):  # warm up caches, lazily started tasks, script loads
+    for _ in range(warmup):  # warm up caches, lazily started tasks, script loads
         await app(_scope(), receive, send)
     statuses.clear()
     gc.collect()
     started = time.perf_counter()
     for _ in range(requests):
+        if before_each is not None:
+            before_each()
         await app(_scope(), receive, send)
     elapsed = time.perf_counter() - started
     bad = [s for s in statuses if s != 200]
@@ -114,6 +134,7 @@ async def run_variant(app: ASGIApp, requests: int) -> float:
 # name -> builder of (app, governor); layers join as governor ships them.
 LAYERS = (
     "ContextMiddleware",
+    "UsageLogMiddleware",
     "FingerprintMiddleware",
     "BreakerMiddleware",
     "RateGuardMiddleware",
@@ -122,17 +143,17 @@ LAYERS = (
 )
 
 
-def variants() -> dict[str, Callable[[g.Governor], ASGIApp]]:
-    out: dict[str, Callable[[g.Governor], ASGIApp]] = {"bare app": lambda gov: upstream}
+def variants(inner: ASGIApp = upstream) -> dict[str, Callable[[g.Governor], ASGIApp]]:
+    out: dict[str, Callable[[g.Governor], ASGIApp]] = {"bare app": lambda gov: inner}
 
     def layer(cls: Any) -> Callable[[g.Governor], ASGIApp]:
-        return lambda gov: cls(upstream, governor=gov)
+        return lambda gov: cls(inner, governor=gov)
 
     for name in LAYERS:
         cls: Any = getattr(g, name, None)
         if cls is not None:
             out[name] = layer(cls)
-    out["full stack (wrap)"] = lambda gov: g.wrap(upstream, gov)
+    out["full stack (wrap)"] = lambda gov: g.wrap(inner, gov)
     return out
 
 
@@ -150,6 +171,95 @@ async def main_async(requests: int, repeat: int) -> list[tuple[str, float]]:
     return results
 
 
+class RedisCounter:
+    """Counts the commands and round trips redis-py sends, by patching it in this process."""
+
+    def __init__(self) -> None:
+        self.commands = 0
+        self.round_trips = 0
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[RedisCounter]:
+        from redis.asyncio.client import Pipeline, Redis
+        from redis.asyncio.connection import AbstractConnection
+
+        execute_command = Redis.execute_command
+        pipeline_execute = Pipeline.execute
+        send_packed = AbstractConnection.send_packed_command
+        counter = self
+
+        async def counted_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.commands += 1
+            return await execute_command(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+        async def counted_pipeline(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.commands += len(self.command_stack)
+            return await pipeline_execute(self, *args, **kwargs)
+
+        async def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.round_trips += 1
+            return await send_packed(self, *args, **kwargs)
+
+        Redis.execute_command = counted_command  # type: ignore[method-assign]
+        Pipeline.execute = counted_pipeline  # type: ignore[method-assign]
+        AbstractConnection.send_packed_command = counted_send  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            Redis.execute_command = execute_command  # type: ignore[method-assign]
+            Pipeline.execute = pipeline_execute  # type: ignore[method-assign]
+            AbstractConnection.send_packed_command = send_packed  # type: ignore[method-assign]
+
+
+async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
+    """Each layer and the full stack on the Redis backend: µs/request and what each sends."""
+    out: dict[str, Any] = {"requests": requests, "layers": []}
+    counter = RedisCounter()
+    starts: list[int] = []
+    entries: list[int] = []
+
+    async def marked(scope: Scope, receive: Receive, send: Send) -> None:
+        # Round trips so far when the request reaches the app: the admission path's.
+        entries.append(counter.round_trips)
+        await upstream(scope, receive, send)
+
+    for name, build in variants(marked).items():
+        if name == "bare app":
+            continue
+        prefix = f"bench-micro-{uuid.uuid4().hex[:8]}"
+        gov = g.Governor(bench_config(redis_url, prefix))
+        counter.commands = counter.round_trips = 0
+        try:
+            app = build(gov)
+            await run_variant(app, 50)  # scripts loaded, pool filled
+            starts.clear()
+            entries.clear()
+            with counter.patched():
+                us = await run_variant(
+                    app, requests, warmup=0, before_each=lambda: starts.append(counter.round_trips)
+                )
+            client: Any = getattr(gov.backend, "redis")  # noqa: B009 (Backend has no .redis)
+            out["redis_version"] = str((await client.info("server")).get("redis_version", "?"))
+            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+            for i in range(0, len(keys), 500):
+                await client.unlink(*keys[i : i + 500])
+        finally:
+            await gov.aclose()
+        before = [e - b for b, e in zip(starts, entries, strict=True)]
+        row = {
+            "name": name,
+            "us": us,
+            "commands_per_request": counter.commands / requests,
+            "round_trips_per_request": counter.round_trips / requests,
+            "admission_round_trips": statistics.median(before) if before else 0,
+            "admission_round_trips_max": max(before, default=0),
+        }
+        out["layers"].append(row)
+        if name == "full stack (wrap)":
+            out.update({k: v for k, v in row.items() if k != "name"})
+    return out
+
+
 def report(results: list[tuple[str, float]]) -> str:
     bare = results[0][1]
     lines = [
@@ -161,12 +271,45 @@ def report(results: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def redis_report(redis: dict[str, Any]) -> str:
+    lines = [
+        "| variant (Redis backend) | µs / request | Redis commands / request "
+        "| round trips / request | round trips before the upstream call (median) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in redis["layers"]:
+        lines.append(
+            f"| {row['name']} | {row['us']:.0f} | {row['commands_per_request']:.2f} "
+            f"| {row['round_trips_per_request']:.2f} | {row['admission_round_trips']:g} "
+            f"(most {row['admission_round_trips_max']}) |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="JSON for benchmarks.run")
+    parser.add_argument("--redis-url", default=None, help="also the full stack on Redis")
     args = parser.parse_args()
-    print(report(asyncio.run(main_async(args.requests, args.repeat))))
+    results = asyncio.run(main_async(args.requests, args.repeat))
+    redis = None
+    if args.redis_url:
+        redis = asyncio.run(redis_variants(args.redis_url, max(200, args.requests // 10)))
+    if args.json:
+        out = {
+            "requests": args.requests,
+            "repeat": args.repeat,
+            "results": [{"name": n, "us": us} for n, us in results],
+            "redis": redis,
+        }
+        print(json.dumps(out))
+        return
+    print(report(results))
+    if redis is not None:
+        print("\nOn the Redis backend:\n")
+        print(redis_report(redis))
 
 
 if __name__ == "__main__":

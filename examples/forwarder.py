@@ -235,7 +235,9 @@ class Forwarder:
         request_id = ctx.request_id if ctx is not None else None
         if surface is None or surface not in TARGETS:
             shape = surface.shape if surface is not None else Shape.OPENAI
-            await send_error(send, NotFound("Not found.", code="not_found"), shape, request_id)
+            await send_error(
+                send, NotFound("Not found.", code="not_found"), shape, request_id, id_header=False
+            )
             return
         body = await _read_body(receive)
         if body is None:  # the client left while sending
@@ -287,14 +289,14 @@ class Forwarder:
             error: RequestError = GatewayTimeout(
                 "The upstream did not answer in time.", reason="upstream_timeout"
             )
-            await send_error(send, error, shape, request_id)
+            await send_error(send, error, shape, request_id, id_header=False)
             return
         except (aiohttp.ClientError, OSError) as exc:
             error = BadGateway(
                 f"The upstream could not be reached ({type(exc).__name__}).",
                 reason="upstream_unreachable",
             )
-            await send_error(send, error, shape, request_id)
+            await send_error(send, error, shape, request_id, id_header=False)
             return
         complete = False
         try:

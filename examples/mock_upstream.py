@@ -32,6 +32,12 @@ Fault injection, by request header (milliseconds as numbers):
 ``X-Mock-Drop-After-Chunks`` cut the connection after this many chunks
 ``X-Mock-No-Usage``          leave usage out of the answer
 
+Load statistics, for the benchmarks' invariant checks (the mock is one process, so
+they are exact whatever sits in front of it): ``GET /mock/stats[?window_s=60]`` answers
+the requests answered, in flight now and the highest in flight since the last reset,
+in all and per model, with the requests per fixed window since the reset and the most
+seen in any sliding window of ``window_s``; ``POST /mock/stats/reset`` starts afresh.
+
 In-process use (tests, the demo): :class:`MockUpstream` is the ASGI app and records
 what it saw (``requests``, ``disconnects``; events ``arrived`` and ``left``);
 ``examples.serving.serve(app)`` runs it on a free port of the running loop,
@@ -47,6 +53,7 @@ import dataclasses
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -504,6 +511,71 @@ def error_payload(status: int, message: str, anthropic: bool, request_id: str) -
     return _json({"error": {"message": message, "type": kind, "param": None, "code": None}})
 
 
+class LoadStats:
+    """In-flight peaks and arrival times of answered requests, in all and per model."""
+
+    def __init__(self, *, keep: int = 1_000_000) -> None:
+        self.keep = keep
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.monotonic()
+        # Requests still in flight stay counted: a peak starts from what is running now.
+        self.peak: dict[str, int] = {m: n for m, n in self.in_flight.items() if n}
+        self.total_in_flight_peak = sum(self.in_flight.values())
+        self.arrivals: dict[str, collections.deque[float]] = {}
+
+    def enter(self, model: str) -> None:
+        now = time.monotonic()
+        times = self.arrivals.get(model)
+        if times is None:
+            times = self.arrivals[model] = collections.deque(maxlen=self.keep)
+        times.append(now)
+        self.in_flight[model] += 1
+        if self.in_flight[model] > self.peak.get(model, 0):
+            self.peak[model] = self.in_flight[model]
+        total = sum(self.in_flight.values())
+        if total > self.total_in_flight_peak:
+            self.total_in_flight_peak = total
+
+    def leave(self, model: str) -> None:
+        self.in_flight[model] -= 1
+
+    def snapshot(self, window_s: float = 60.0) -> dict[str, Any]:
+        models: dict[str, Any] = {}
+        for model in sorted(set(self.arrivals) | set(self.peak)):
+            times = list(self.arrivals.get(model, ()))
+            windows: collections.Counter[int] = collections.Counter(
+                int((t - self.started) // window_s) for t in times
+            )
+            models[model] = {
+                "requests": len(times),
+                "in_flight": self.in_flight[model],
+                "peak_in_flight": self.peak.get(model, 0),
+                "per_window": [windows[i] for i in range(max(windows, default=-1) + 1)],
+                "max_in_sliding_window": max_in_window(times, window_s),
+            }
+        return {
+            "since_s": round(time.monotonic() - self.started, 3),
+            "window_s": window_s,
+            "requests": sum(m["requests"] for m in models.values()),
+            "in_flight": sum(self.in_flight.values()),
+            "peak_in_flight": self.total_in_flight_peak,
+            "models": models,
+        }
+
+
+def max_in_window(times: list[float], window_s: float) -> int:
+    """The most of the sorted *times* that fall in any half-open window of *window_s*."""
+    best = start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
 class MockUpstream:
     """The mock API as a raw ASGI app. Records the requests it saw and clients that left."""
 
@@ -511,6 +583,7 @@ class MockUpstream:
         self.requests: collections.deque[SeenRequest] = collections.deque(maxlen=keep)
         self.disconnects = 0
         self.active = 0
+        self.stats = LoadStats()
         self.left = asyncio.Event()  # set when a client leaves mid-answer
         self.arrived = asyncio.Event()  # set when a request is recorded
         logger = logging.getLogger("uvicorn.error")
@@ -526,6 +599,9 @@ class MockUpstream:
         path = scope["path"].rstrip("/") or "/"
         if path == "/healthz":
             await _respond(send, 200, b'{"ok":true}', [])
+            return
+        if path.startswith("/mock/stats"):
+            await self._stats(scope, send, path)
             return
         body = await _read_body(receive)
         if body is None:
@@ -560,10 +636,31 @@ class MockUpstream:
             return
         reply = make_reply(payload, body, faults, endpoint.anthropic)
         self.active += 1
+        self.stats.enter(reply.model)
         try:
             await self._answer(receive, send, endpoint, payload, reply, faults, id_header)
         finally:
             self.active -= 1
+            self.stats.leave(reply.model)
+
+    async def _stats(self, scope: Scope, send: Send, path: str) -> None:
+        method = scope["method"]
+        if path == "/mock/stats/reset" and method == "POST":
+            self.stats.reset()
+            await _respond(send, 200, b'{"reset":true}', [])
+            return
+        if path == "/mock/stats" and method == "GET":
+            query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            try:
+                window_s = float(query.get("window_s", ["60"])[0])
+                if window_s <= 0:
+                    raise ValueError(window_s)
+            except ValueError:
+                await _respond(send, 400, b'{"error":"window_s: a positive number"}', [])
+                return
+            await _respond(send, 200, _json(self.stats.snapshot(window_s)), [])
+            return
+        await _respond(send, 404, b'{"error":"not found"}', [])
 
     async def _answer(
         self,

@@ -206,7 +206,9 @@ def error_body(error: RequestError, shape: Shape, request_id: str | None) -> byt
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def error_headers(error: RequestError, body_length: int, request_id: str | None) -> RawHeaders:
+def error_headers(
+    error: RequestError, body_length: int, request_id: str | None, *, id_header: bool = True
+) -> RawHeaders:
     headers: RawHeaders = [
         (b"content-type", b"application/json"),
         (b"content-length", str(body_length).encode()),
@@ -215,22 +217,31 @@ def error_headers(error: RequestError, body_length: int, request_id: str | None)
         headers.append((b"retry-after", retry_after_value(error.retry_after)))
     if error.should_retry is not None:
         headers.append((b"x-should-retry", b"true" if error.should_retry else b"false"))
-    if request_id is not None:
+    if request_id is not None and id_header:
         headers.append((b"x-hypereal-request-id", request_id.encode()))
     headers.extend(error.headers)
     return headers
 
 
 async def send_error(
-    send: Send, error: RequestError, shape: Shape, request_id: str | None = None
+    send: Send,
+    error: RequestError,
+    shape: Shape,
+    request_id: str | None = None,
+    *,
+    id_header: bool = True,
 ) -> None:
-    """Send *error* as a complete HTTP response in the caller's *shape*."""
+    """Send *error* as a complete HTTP response in the caller's *shape*.
+
+    *id_header* False leaves ``X-Hypereal-Request-Id`` to the request's own send
+    wrapper (which stamps every response of a parsed request).
+    """
     body = error_body(error, shape, request_id)
     await send(
         {
             "type": "http.response.start",
             "status": error.status_for(shape),
-            "headers": error_headers(error, len(body), request_id),
+            "headers": error_headers(error, len(body), request_id, id_header=id_header),
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -186,7 +186,8 @@ class Governor:
         async def observed(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                h.replace(message, [request_id, _GOVERNOR_ACTIVE])
+                # Appended, not replaced: the forwarder drops the upstream's X-Hypereal-*.
+                message["headers"] = [*message.get("headers", ()), request_id, _GOVERNOR_ACTIVE]
                 observer.on_start(message, clock.monotonic())
                 counted(ctx.surface.value, message["status"]).inc()
             elif kind == "http.response.body":
@@ -202,4 +203,4 @@ class Governor:
     async def refuse(self, ctx: c.RequestContext, send: Send, error: RequestError) -> None:
         """Answer *ctx* with *error* in its shape, marking it as governor's own refusal."""
         ctx.refusal = error.reason
-        await send_error(send, error, ctx.shape, ctx.request_id)
+        await send_error(send, error, ctx.shape, ctx.request_id, id_header=False)

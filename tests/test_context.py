@@ -317,3 +317,30 @@ async def test_repr_hides_key(governor: Governor) -> None:
         json_body={"model": "gpt-5-5", "messages": []},
     )
     assert "ck_secret_value" not in repr(app.ctx)
+
+
+async def test_refusal_carries_one_request_id(governor: Governor) -> None:
+    """A refusal by a governor layer carries exactly one X-Hypereal-Request-Id."""
+    from governor.errors import RateLimited
+
+    async def refusing(scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = get_context(scope)
+        assert ctx is not None
+        await governor.refuse(ctx, send, RateLimited("slow down"))
+
+    result = await call(
+        ContextMiddleware(refusing, governor=governor),
+        headers=auth(),
+        json_body={"model": "gpt-5-5", "messages": []},
+    )
+    assert result.status == 429
+    assert result.header_names().count("x-hypereal-request-id") == 1
+
+
+def test_request_ids_are_unique() -> None:
+    """Request ids never repeat within a process."""
+    from governor.context import new_request_id
+
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(i.startswith("req_") and len(i) == 28 for i in ids)
