@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 from pathlib import Path
 from typing import IO, Protocol
@@ -119,7 +120,6 @@ class RedisStreamSink:
         self._backlog: collections.deque[tuple[str, str]] = collections.deque()
         self._backlog_max = backlog
         self._flushing = False
-        self._dropped = 0
 
     def key_stream(self, key_id: str) -> str:
         return self._backend.key("usage", "key", key_id)
@@ -129,11 +129,13 @@ class RedisStreamSink:
         (oldest first) with the next record that goes through. Raises BackendError only
         when the backlog is full and its oldest record had to be dropped."""
         data = json.dumps(record.as_json(), separators=(",", ":"))
-        if len(self._backlog) >= self._backlog_max:
+        dropped = len(self._backlog) >= self._backlog_max
+        if dropped:
             self._backlog.popleft()
-            self._dropped += 1
         self._backlog.append((record.key_id, data))
         await self.flush()
+        if dropped:
+            raise BackendError("usage: Redis backlog full, the oldest record was dropped")
 
     async def flush(self) -> None:
         """Write the backlog; keep it (and raise nothing) while Redis is down."""
@@ -142,7 +144,7 @@ class RedisStreamSink:
         self._flushing = True
         try:
             while self._backlog:
-                batch = list(self._backlog)[:500]
+                batch = list(itertools.islice(self._backlog, 500))
                 try:
                     with map_redis_errors("usage"):
                         pipe = self._backend.redis.pipeline(transaction=False)
@@ -156,9 +158,6 @@ class RedisStreamSink:
                             )
                         await pipe.execute()
                 except BackendError:
-                    if self._dropped:
-                        self._dropped = 0
-                        raise
                     return
                 for _ in batch:
                     self._backlog.popleft()
