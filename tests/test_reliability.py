@@ -158,3 +158,31 @@ async def test_usage_backlog_full_drops_oldest(real_redis: Redis) -> None:
                 await sink.write(_record(2))
             assert sink.pending == 1
     await drop_prefix(real_redis, prefix)
+
+
+async def test_cancels_share_one_drainer() -> None:
+    """Reservations to cancel wait in one queue, drained once the ledger answers."""
+    from governor.billing.base import ReserveUnknown
+    from governor.billing.middleware import SettleRetries
+    from governor.errors import BackendError
+
+    class Ledger:
+        down = True
+        cancelled: list[str] = []
+
+        async def cancel(self, account: str, key_id: str, rid: str) -> bool:
+            if self.down:
+                raise BackendError("down")
+            self.cancelled.append(rid)
+            return True
+
+    ledger = Ledger()
+    gov = Governor(registry=CollectorRegistry())
+    retries = SettleRetries(gov, ledger)  # type: ignore[arg-type]
+    for i in range(50):
+        retries.cancel(ReserveUnknown("lost", "acct", "key", f"r{i}"))
+    assert len(retries.tasks) == 1
+    ledger.down = False
+    await retries.drain()
+    assert ledger.cancelled == [f"r{i}" for i in range(50)]
+    await gov.aclose()

@@ -22,6 +22,7 @@ Results go to ``ctx.notes`` for the usage log (``credits_charged``,
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -79,6 +80,10 @@ def opening_balance(governor: Governor, account: str) -> int:
     return governor.config.billing.default_balance
 
 
+# Reservations waiting to be cancelled by id, at most (each a few hundred bytes).
+MAX_PENDING_CANCELS = 100_000
+
+
 class SettleRetries:
     """Settlements (and cancellations of reservations whose reply was lost) that failed
     on a ledger error, retried until the ledger answers again.
@@ -90,7 +95,12 @@ class SettleRetries:
     def __init__(self, governor: Governor, ledger: Ledger) -> None:
         self.ledger = ledger
         self.lease_s = governor.config.billing.reservation_ttl_s
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Future[None]] = set()
+        # Reservation id -> (the unknown reserve, when its lease has surely ended).
+        self.cancels: collections.OrderedDict[str, tuple[ReserveUnknown, float]] = (
+            collections.OrderedDict()
+        )
+        self.drainer: asyncio.Future[None] | None = None
         m = governor.metrics
         self.m_retried = m.counter(
             "billing_settle_retries",
@@ -104,13 +114,45 @@ class SettleRetries:
         self._spawn(lambda: self.ledger.settle(reservation, actual, limits), "settled")
 
     def cancel(self, unknown: ReserveUnknown) -> None:
-        """Cancel a reservation whose reserve call may or may not have run."""
-        cancel = getattr(self.ledger, "cancel", None)
-        if cancel is None:
+        """Cancel a reservation whose reserve call may or may not have run.
+
+        Every request refused during an outage leaves one of these, so they are not a
+        task each: one drainer works through a bounded queue once the ledger answers
+        (past the bound the oldest is left to its lease).
+        """
+        if getattr(self.ledger, "cancel", None) is None:
             return
-        self._spawn(
-            lambda: cancel(unknown.account, unknown.key_id, unknown.reservation_id), "cancelled"
-        )
+        if len(self.cancels) >= MAX_PENDING_CANCELS:
+            self.cancels.popitem(last=False)
+            self.m_retried.labels("expired").inc()
+        loop = asyncio.get_running_loop()
+        self.cancels[unknown.reservation_id] = (unknown, loop.time() + self.lease_s)
+        if self.drainer is None or self.drainer.done():
+            self.drainer = asyncio.ensure_future(self._drain_cancels())
+            self.tasks.add(self.drainer)
+            self.drainer.add_done_callback(self.tasks.discard)
+
+    async def _drain_cancels(self) -> None:
+        loop = asyncio.get_running_loop()
+        cancel = self.ledger.cancel  # type: ignore[attr-defined]
+        delay = 0.05
+        while self.cancels:
+            await asyncio.sleep(delay)
+            while self.cancels:
+                rid, (unknown, deadline) = next(iter(self.cancels.items()))
+                if loop.time() > deadline:  # the lease has released it by now
+                    del self.cancels[rid]
+                    self.m_retried.labels("expired").inc()
+                    continue
+                try:
+                    await cancel(unknown.account, unknown.key_id, rid)
+                except BackendError:
+                    delay = min(delay * 2, 2.0)
+                    break
+                self.cancels.pop(rid, None)
+                self.m_retried.labels("cancelled").inc()
+                self.degraded.healthy("billing")
+                delay = 0.05
 
     def _spawn(self, call: Callable[[], Awaitable[object]], result: str) -> None:
         task = asyncio.ensure_future(self._run(call, result))
