@@ -167,8 +167,9 @@ async def test_cancels_share_one_drainer() -> None:
     from governor.errors import BackendError
 
     class Ledger:
-        down = True
-        cancelled: list[str] = []
+        def __init__(self) -> None:
+            self.down = True
+            self.cancelled: list[str] = []
 
         async def cancel(self, account: str, key_id: str, rid: str) -> bool:
             if self.down:
