@@ -1,7 +1,8 @@
-"""Rate counters in this process, on limits' memory storage and strategy."""
+"""Rate counters in this process, in limits' memory storage."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from limits import RateLimitItem, RateLimitItemPerSecond, WindowStats
@@ -10,10 +11,21 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from governor.ratelimit import layout
 from governor.ratelimit.guards import Adjustment, Decision, Hit, Limit, Window
 
+# Bound on the per-limit cache (limits come and go with API keys and accounts).
+_MAX_LIMITS = 100_000
+
 
 class MemoryRateStore:
-    """limits' sliding window counter in memory, all-or-none by hitting in order and
-    refunding what was taken when a later limit refuses.
+    """limits' sliding window counters in memory, taken all or none.
+
+    The counters are limits' own (its ``MemoryStorage``, so limits' strategy reads them:
+    :meth:`stats`), but a decision does not go through limits' async ``hit()`` one limit
+    at a time: :meth:`acquire` checks every window, then commits all of them or none,
+    synchronously on the storage's dicts (:class:`~governor.ratelimit.layout.MemoryCounters`,
+    limits' own arithmetic). No await inside means nothing else runs on the event loop
+    meanwhile, so the decision is atomic in this process without a lock, and it costs a
+    few dict operations instead of a dozen awaited, error-wrapped storage calls. The
+    windows read for the decision are the ones reported in the headers.
 
     *share* divides every limit: the Redis store's fail-open fallback counts a fair
     share of the fleet limit per worker (``limit // share``, at least 1), never the
@@ -21,10 +33,13 @@ class MemoryRateStore:
     """
 
     def __init__(self, *, share: int = 1) -> None:
-        self.storage = layout.memory_counters()
+        self.counters = layout.MemoryCounters()
+        self.storage = self.counters.storage
         self.strategy = SlidingWindowCounterRateLimiter(self.storage)
         self.share = share
         self._scaled: dict[RateLimitItem, RateLimitItem] = {}
+        # limit.key -> (enforced amount, window, storage key)
+        self._resolved: dict[str, tuple[int, int, str]] = {}
 
     def _item(self, limit: Limit) -> RateLimitItem:
         if self.share == 1:
@@ -37,55 +52,81 @@ class MemoryRateStore:
             self._scaled[limit.item] = item
         return item
 
-    def _key(self, limit: Limit, item: RateLimitItem) -> str:
-        return limit.key if item is limit.item else item.key_for(*limit.ids)
+    def _resolve(self, limit: Limit) -> tuple[int, int, str]:
+        """The amount enforced for *limit*, its window and its key in the storage."""
+        resolved = self._resolved.get(limit.key)
+        if resolved is None:
+            item = self._item(limit)
+            key = limit.key if item is limit.item else item.key_for(*limit.ids)
+            resolved = (item.amount, item.get_expiry(), key)
+            if len(self._resolved) >= _MAX_LIMITS:
+                self._resolved.clear()
+            self._resolved[limit.key] = resolved
+        return resolved
 
     def amount(self, limit: Limit) -> int:
         """The amount this store enforces for *limit* (its share of the fleet limit)."""
-        return self._item(limit).amount
+        return self._resolve(limit)[0]
 
     async def acquire(self, hits: Sequence[Hit]) -> Decision:
-        # A share never takes more than itself: a request that fits the fleet limit must
-        # not become impossible while degraded.
-        costs = [min(hit.cost, self._item(hit.limit).amount) for hit in hits]
-        taken: list[tuple[Hit, str]] = []
-        refused = False
-        for hit, cost in zip(hits, costs, strict=True):
-            item = self._item(hit.limit)
-            if not await self.strategy.hit(item, *hit.limit.ids, cost=cost):
-                refused = True
-                break
-            key = self._key(hit.limit, item)
-            taken.append((hit, layout.memory_window_keys(key, item.get_expiry())[1]))
-        if refused:
-            for (hit, wid), cost in zip(taken, costs, strict=False):
-                item = self._item(hit.limit)
-                key = self._key(hit.limit, item)
-                await layout.memory_adjust(self.storage, key, item.get_expiry(), wid, -cost)
+        # Synchronous on purpose (see the class docstring): no await between the checks
+        # and the commit.
+        return self.decide(hits)
+
+    def decide(self, hits: Sequence[Hit]) -> Decision:
+        """:meth:`acquire` without the coroutine: check every window, then commit all."""
+        now = time.time()
+        counters = self.counters
+        amounts: list[int] = []
+        costs: list[int] = []
+        spans: list[int] = []
         windows: list[Window] = []
-        failing: list[int] = []
+        wids: list[str] = []
+        # What earlier hits of this request take from the same counter (a limit met
+        # twice): each hit is checked as if the earlier ones had been taken.
+        pending: dict[str, int] = {}
+        first_refused = -1
         for i, hit in enumerate(hits):
-            item = self._item(hit.limit)
-            window = await layout.memory_window(
-                self.storage, self._key(hit.limit, item), item.get_expiry()
-            )
-            if refused and not window.fits(item.amount, item.get_expiry(), costs[i]):
-                failing.append(i)
-            if not refused:
-                window.window_id = taken[i][1]
-            windows.append(window)
-        if refused and not failing:  # freed up meanwhile; still refused, blame the first
-            failing.append(len(taken))
-        amounts = [self._item(hit.limit).amount for hit in hits]
-        return Decision(not refused, windows, amounts, costs, failing)
+            amount, window, key = self._resolve(hit.limit)
+            # A share never takes more than itself: a request that fits the fleet limit
+            # must not become impossible while degraded.
+            cost = min(hit.cost, amount)
+            wid, state = counters.window(key, window, now)
+            if first_refused < 0:
+                taken = pending.get(wid, 0)
+                # limits' test: floor(previous * previous_ttl / window + current) + cost.
+                if cost > amount or state.count(window) + taken + cost > amount:
+                    first_refused = i
+                else:
+                    pending[wid] = taken + cost
+            amounts.append(amount)
+            costs.append(cost)
+            spans.append(window)
+            windows.append(state)
+            wids.append(wid)
+        if first_refused >= 0:
+            # Nothing was taken; each window reports its state without this request.
+            refused = [
+                i
+                for i, (state, amount, window, cost) in enumerate(
+                    zip(windows, amounts, spans, costs, strict=True)
+                )
+                if not state.fits(amount, window, cost)
+            ]
+            return Decision(False, windows, amounts, costs, refused or [first_refused])
+        for wid, window, cost in zip(wids, spans, costs, strict=True):
+            counters.incr(wid, 2 * window, cost, now)
+        count = counters.counts
+        for state, wid in zip(windows, wids, strict=True):
+            state.current = count[wid]
+            state.window_id = wid
+        return Decision(True, windows, amounts, costs)
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        now = time.time()
         for adj in adjustments:
-            item = self._item(adj.limit)
-            key = self._key(adj.limit, item)
-            await layout.memory_adjust(
-                self.storage, key, item.get_expiry(), str(adj.window_id), adj.delta
-            )
+            _, window, key = self._resolve(adj.limit)
+            self.counters.adjust(key, window, str(adj.window_id), adj.delta, now)
 
     async def stats(self, limit: Limit) -> WindowStats:
         return await self.strategy.get_window_stats(self._item(limit), *limit.ids)
