@@ -344,3 +344,35 @@ def rfc3339(wall: float) -> str:
     """An RFC 3339 UTC timestamp in whole seconds (rounded up), as Anthropic's resets."""
     moment = datetime.datetime.fromtimestamp(math.ceil(wall), tz=datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Header values recur: the same few durations and, within a second, the same stamps.
+_FORMATTED_MAX = 4096
+_durations: dict[int, bytes] = {}
+_stamps: dict[int, bytes] = {}
+
+
+def go_duration_bytes(seconds: float) -> bytes:
+    """:func:`go_duration` as header bytes, cached by what it rounds to."""
+    if seconds <= 0:
+        return b"0s"
+    key = math.ceil(seconds * 1000) if seconds < 1 else -math.ceil(seconds)
+    found = _durations.get(key)
+    if found is None:
+        found = go_duration(seconds).encode()
+        if len(_durations) >= _FORMATTED_MAX:
+            _durations.clear()
+        _durations[key] = found
+    return found
+
+
+def rfc3339_bytes(wall: float) -> bytes:
+    """:func:`rfc3339` as header bytes, cached by the second it rounds to."""
+    key = math.ceil(wall)
+    found = _stamps.get(key)
+    if found is None:
+        found = rfc3339(key).encode()
+        if len(_stamps) >= _FORMATTED_MAX:
+            _stamps.clear()
+        _stamps[key] = found
+    return found

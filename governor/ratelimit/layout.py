@@ -37,6 +37,9 @@ from governor.ratelimit.guards import Window
 SWEEP_INTERVAL_S = 1.0
 
 
+# (now, window, previous window number, current window number, previous_ttl, current_ttl)
+Frame = tuple[float, int, int, int, float, float]
+
 # Bound on the window-key cache (limit keys come and go with API keys and accounts).
 _MAX_KEYS = 100_000
 
@@ -85,16 +88,21 @@ class MemoryCounters:
 
     def window_keys(self, key: str, window: int, now: float) -> tuple[str, str]:
         """(previous, current) counter keys of *key* at *now*, as limits names them."""
+        keys = self._window_keys(key, window, now)
+        return keys[2], keys[3]
+
+    def _window_keys(self, key: str, window: int, now: float) -> tuple[int, int, str, str]:
+        # limits' sliding_window_keys, its strings kept while the window lasts.
         previous = int((now - window) / window)
         current = int(now / window)
         cached = self._keys.get(key)
-        if cached is not None and cached[0] == previous and cached[1] == current:
-            return cached[2], cached[3]
-        keys = f"{key}/{previous}", f"{key}/{current}"
+        if cached is not None and cached[1] == current and cached[0] == previous:
+            return cached
+        cached = (previous, current, f"{key}/{previous}", f"{key}/{current}")
         if len(self._keys) >= _MAX_KEYS:
             self._keys.clear()
-        self._keys[key] = (previous, current, *keys)
-        return keys
+        self._keys[key] = cached
+        return cached
 
     def get(self, key: str, now: float) -> int:
         """limits' ``get``: the count, dropping the counter if it has expired."""
@@ -123,15 +131,59 @@ class MemoryCounters:
         self.counts[key] = value
         return value
 
-    def window(self, key: str, window: int, now: float) -> tuple[str, Window]:
-        """The current counter key of *key* and its sliding window at *now*, as limits'
-        ``get_sliding_window`` reads it."""
-        previous_key, current_key = self.window_keys(key, window, now)
-        previous = self.get(previous_key, now)
-        current = self.get(current_key, now)
-        previous_ttl = (1 - (((now - window) / window) % 1)) * window if previous else 0.0
-        current_ttl = (1 - ((now / window) % 1)) * window + window
-        return current_key, Window(previous, previous_ttl, current, current_ttl)
+    def frame(self, window: int, now: float) -> Frame:
+        """What every counter of *window* seconds shares at *now*: the window numbers and
+        the TTLs limits' ``get_sliding_window`` reports."""
+        return (
+            now,
+            window,
+            int((now - window) / window),
+            int(now / window),
+            (1 - (((now - window) / window) % 1)) * window,
+            (1 - ((now / window) % 1)) * window + window,
+        )
+
+    def window(self, key: str, frame: Frame) -> tuple[str, Window]:
+        """The current counter's key and the sliding window of *key* in *frame*, as
+        limits' ``get_sliding_window`` reads it (``get`` inlined: this runs for every
+        limit of every request), its ``window_id`` that current counter's key."""
+        now, window, previous_n, current_n, previous_ttl, current_ttl = frame
+        keys = self._keys.get(key)
+        if keys is None or keys[1] != current_n or keys[0] != previous_n:
+            keys = self._window_keys(key, window, now)
+        _, _, previous_key, current_key = keys
+        expirations = self.expirations
+        counts = self.counts
+        # limits' get: live counters read, expired ones dropped, missing ones are zero.
+        expires = expirations.get(previous_key)
+        if expires is not None and expires > now:
+            previous = counts[previous_key]
+        elif expires is None and previous_key not in counts:
+            previous = 0
+        else:
+            previous = self.get(previous_key, now)
+        expires = expirations.get(current_key)
+        if expires is not None and expires > now:
+            current = counts[current_key]
+        elif expires is None and current_key not in counts:
+            current = 0
+        else:
+            current = self.get(current_key, now)
+        return current_key, Window(
+            previous, previous_ttl if previous else 0.0, current, current_ttl, current_key
+        )
+
+    def commit(self, takes: dict[str, tuple[int, int]], now: float) -> None:
+        """limits' ``incr`` of each current counter by what is taken from it, counters
+        :meth:`window` has just read at *now* (so an expired one is already dropped):
+        *takes* maps a counter key to (amount, window)."""
+        counts = self.counts
+        expirations = self.expirations
+        for key, (amount, window) in takes.items():
+            counts[key] += amount
+            if counts[key] == amount:  # a new counter lives two windows
+                expirations[key] = now + 2 * window
+        self.sweep()
 
     def adjust(self, key: str, window: int, wid: str, delta: int, now: float) -> bool:
         """Add *delta* to the counter *wid* of *key* if it is still the current or previous

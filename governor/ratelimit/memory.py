@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from math import floor
 
 from limits import RateLimitItem, RateLimitItemPerSecond, WindowStats
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -77,49 +78,61 @@ class MemoryRateStore:
         """:meth:`acquire` without the coroutine: check every window, then commit all."""
         now = time.time()
         counters = self.counters
+        resolved = self._resolved
+        wids: list[str] = []
         amounts: list[int] = []
         costs: list[int] = []
-        spans: list[int] = []
         windows: list[Window] = []
-        wids: list[str] = []
-        # What earlier hits of this request take from the same counter (a limit met
-        # twice): each hit is checked as if the earlier ones had been taken.
-        pending: dict[str, int] = {}
+        # What this request takes from each counter, with the counter's window. A limit
+        # met twice is checked as if its earlier hits had been taken, as hitting the
+        # limits one after the other would.
+        takes: dict[str, tuple[int, int]] = {}
         first_refused = -1
-        for i, hit in enumerate(hits):
-            amount, window, key = self._resolve(hit.limit)
+        frame_span = 0
+        frame: layout.Frame | None = None
+        for hit in hits:
+            limit = hit.limit
+            amount, span, key = resolved.get(limit.key) or self._resolve(limit)
             # A share never takes more than itself: a request that fits the fleet limit
-            # must not become impossible while degraded.
-            cost = min(hit.cost, amount)
-            wid, state = counters.window(key, window, now)
+            # must not become impossible while degraded. (So limits' "cost > amount
+            # never fits" cannot happen here.)
+            cost = hit.cost
+            if cost > amount:
+                cost = amount
+            if span != frame_span or frame is None:
+                frame = counters.frame(span, now)
+                frame_span = span
+            wid, window = counters.window(key, frame)
             if first_refused < 0:
-                taken = pending.get(wid, 0)
+                taken = takes[wid][0] + cost if wid in takes else cost
                 # limits' test: floor(previous * previous_ttl / window + current) + cost.
-                if cost > amount or state.count(window) + taken + cost > amount:
-                    first_refused = i
+                used = window.current + taken
+                if window.previous:
+                    used += floor(window.previous * window.previous_ttl / span)
+                if used > amount:
+                    first_refused = len(windows)
                 else:
-                    pending[wid] = taken + cost
+                    takes[wid] = (taken, span)
+            wids.append(wid)
             amounts.append(amount)
             costs.append(cost)
-            spans.append(window)
-            windows.append(state)
-            wids.append(wid)
+            windows.append(window)
         if first_refused >= 0:
             # Nothing was taken; each window reports its state without this request.
+            for window in windows:
+                window.window_id = None
             refused = [
                 i
-                for i, (state, amount, window, cost) in enumerate(
-                    zip(windows, amounts, spans, costs, strict=True)
+                for i, (window, amount, hit, cost) in enumerate(
+                    zip(windows, amounts, hits, costs, strict=True)
                 )
-                if not state.fits(amount, window, cost)
+                if not window.fits(amount, hit.limit.window, cost)
             ]
             return Decision(False, windows, amounts, costs, refused or [first_refused])
-        for wid, window, cost in zip(wids, spans, costs, strict=True):
-            counters.incr(wid, 2 * window, cost, now)
-        count = counters.counts
-        for state, wid in zip(windows, wids, strict=True):
-            state.current = count[wid]
-            state.window_id = wid
+        counters.commit(takes, now)
+        counts = counters.counts
+        for wid, window in zip(wids, windows, strict=True):
+            window.current = counts[wid]
         return Decision(True, windows, amounts, costs)
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
