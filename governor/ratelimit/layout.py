@@ -188,7 +188,10 @@ class MemoryCounters:
     def adjust(self, key: str, window: int, wid: str, delta: int, now: float) -> bool:
         """Add *delta* to the counter *wid* of *key* if it is still the current or previous
         window (older counters no longer weigh anything). Never below zero."""
-        if delta == 0 or wid not in self.window_keys(key, window, now):
+        if delta == 0:
+            return False
+        keys = self._window_keys(key, window, now)
+        if wid != keys[3] and wid != keys[2]:
             return False
         if delta < 0:
             self.decr(wid, -delta, now)

@@ -137,9 +137,12 @@ class MemoryRateStore:
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         now = time.time()
+        resolved = self._resolved
+        adjust = self.counters.adjust
         for adj in adjustments:
-            _, window, key = self._resolve(adj.limit)
-            self.counters.adjust(key, window, str(adj.window_id), adj.delta, now)
+            limit = adj.limit
+            _, window, key = resolved.get(limit.key) or self._resolve(limit)
+            adjust(key, window, str(adj.window_id), adj.delta, now)
 
     async def stats(self, limit: Limit) -> WindowStats:
         return await self.strategy.get_window_stats(self._item(limit), *limit.ids)
