@@ -218,3 +218,28 @@ async def test_memory_sweep_runs_at_most_once_a_second() -> None:
     await storage.incr("b", 10)
     assert storage.timer is first
     assert await storage.get("a") == 1
+
+
+async def test_memory_store_and_limits_strategy_share_counters() -> None:
+    """The synchronous store and limits' own strategy count in the same counters."""
+    store = MemoryRateStore()
+    lim = limit(5, "shared")
+    assert (await store.acquire([Hit(lim, 3)])).granted
+    assert await store.strategy.hit(lim.item, *lim.ids)
+    assert await store.strategy.hit(lim.item, *lim.ids)
+    assert not await store.strategy.hit(lim.item, *lim.ids)
+    assert not (await store.acquire([Hit(lim, 1)])).granted
+
+
+async def test_memory_limit_met_twice_counts_both_hits() -> None:
+    """A limit met twice by one request is checked with both hits, and refused whole."""
+    store = MemoryRateStore()
+    lim = limit(5, "twice")
+    decision = await store.acquire([Hit(lim, 3), Hit(lim, 3)])
+    assert not decision.granted
+    assert decision.refused == [1]
+    assert (await store.stats(lim)).remaining == 5
+    decision = await store.acquire([Hit(lim, 2), Hit(lim, 3)])
+    assert decision.granted
+    assert [w.current for w in decision.windows] == [5, 5]
+    assert (await store.stats(lim)).remaining == 0
