@@ -134,13 +134,19 @@ class MemoryCounters:
     def frame(self, window: int, now: float) -> Frame:
         """What every counter of *window* seconds shares at *now*: the window numbers and
         the TTLs limits' ``get_sliding_window`` reports."""
+        # x % 1 is x - int(x) for x >= 0, exactly (the fraction of a float is exact).
+        previous_at = (now - window) / window
+        current_at = now / window
+        previous = int(previous_at)
+        current = int(current_at)
+        previous_part = previous_at - previous if previous_at >= 0 else previous_at % 1
         return (
             now,
             window,
-            int((now - window) / window),
-            int(now / window),
-            (1 - (((now - window) / window) % 1)) * window,
-            (1 - ((now / window) % 1)) * window + window,
+            previous,
+            current,
+            (1 - previous_part) * window,
+            (1 - (current_at - current)) * window + window,
         )
 
     def window(self, key: str, frame: Frame) -> tuple[str, Window]:
