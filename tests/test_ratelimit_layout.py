@@ -243,3 +243,19 @@ async def test_memory_limit_met_twice_counts_both_hits() -> None:
     assert decision.granted
     assert [w.current for w in decision.windows] == [5, 5]
     assert (await store.stats(lim)).remaining == 0
+
+
+async def test_memory_counters_read_as_limits_reads() -> None:
+    """MemoryCounters reads the keys, counts and TTLs limits' get_sliding_window reports."""
+    counters = layout.MemoryCounters()
+    item = RateLimitItemPerSecond(10, WINDOW)
+    await SlidingWindowCounterRateLimiter(counters.storage).hit(item, "r", cost=4)
+    key = item.key_for("r")
+    previous_key, current_key = layout.memory_window_keys(key, WINDOW)
+    await counters.storage.incr(previous_key, 2 * WINDOW, 3)
+    prev, prev_ttl, cur, cur_ttl = await counters.storage.get_sliding_window(key, WINDOW)
+    wid, window = counters.window(key, counters.frame(WINDOW, time.time()))
+    assert wid == current_key
+    assert (window.previous, window.current) == (prev, cur) == (3, 4)
+    assert abs(window.previous_ttl - prev_ttl) < 1
+    assert abs(window.current_ttl - cur_ttl) < 1

@@ -86,11 +86,6 @@ class MemoryCounters:
         if not storage.timer or storage.timer.done():
             storage.timer = asyncio.create_task(self._expire_events())
 
-    def window_keys(self, key: str, window: int, now: float) -> tuple[str, str]:
-        """(previous, current) counter keys of *key* at *now*, as limits names them."""
-        keys = self._window_keys(key, window, now)
-        return keys[2], keys[3]
-
     def _window_keys(self, key: str, window: int, now: float) -> tuple[int, int, str, str]:
         # limits' sliding_window_keys, its strings kept while the window lasts.
         previous = int((now - window) / window)
