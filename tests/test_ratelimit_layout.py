@@ -218,3 +218,44 @@ async def test_memory_sweep_runs_at_most_once_a_second() -> None:
     await storage.incr("b", 10)
     assert storage.timer is first
     assert await storage.get("a") == 1
+
+
+async def test_memory_store_and_limits_strategy_share_counters() -> None:
+    """The synchronous store and limits' own strategy count in the same counters."""
+    store = MemoryRateStore()
+    lim = limit(5, "shared")
+    assert (await store.acquire([Hit(lim, 3)])).granted
+    assert await store.strategy.hit(lim.item, *lim.ids)
+    assert await store.strategy.hit(lim.item, *lim.ids)
+    assert not await store.strategy.hit(lim.item, *lim.ids)
+    assert not (await store.acquire([Hit(lim, 1)])).granted
+
+
+async def test_memory_limit_met_twice_counts_both_hits() -> None:
+    """A limit met twice by one request is checked with both hits, and refused whole."""
+    store = MemoryRateStore()
+    lim = limit(5, "twice")
+    decision = await store.acquire([Hit(lim, 3), Hit(lim, 3)])
+    assert not decision.granted
+    assert decision.refused == [1]
+    assert (await store.stats(lim)).remaining == 5
+    decision = await store.acquire([Hit(lim, 2), Hit(lim, 3)])
+    assert decision.granted
+    assert [w.current for w in decision.windows] == [5, 5]
+    assert (await store.stats(lim)).remaining == 0
+
+
+async def test_memory_counters_read_as_limits_reads() -> None:
+    """MemoryCounters reads the keys, counts and TTLs limits' get_sliding_window reports."""
+    counters = layout.MemoryCounters()
+    item = RateLimitItemPerSecond(10, WINDOW)
+    await SlidingWindowCounterRateLimiter(counters.storage).hit(item, "r", cost=4)
+    key = item.key_for("r")
+    previous_key, current_key = layout.memory_window_keys(key, WINDOW)
+    await counters.storage.incr(previous_key, 2 * WINDOW, 3)
+    prev, prev_ttl, cur, cur_ttl = await counters.storage.get_sliding_window(key, WINDOW)
+    wid, window = counters.window(key, counters.frame(WINDOW, time.time()))
+    assert wid == current_key
+    assert (window.previous, window.current) == (prev, cur) == (3, 4)
+    assert abs(window.previous_ttl - prev_ttl) < 1
+    assert abs(window.current_ttl - cur_ttl) < 1

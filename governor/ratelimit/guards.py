@@ -15,7 +15,7 @@ import math
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 
-from governor.config import Config
+from governor.config import Config, ModelLimits
 from governor.context import RequestContext, Surface
 
 # Every rate key of one request must hash to one Redis Cluster slot, because the admit
@@ -74,17 +74,18 @@ class Limit:
     ids: tuple[str, ...]
     # limits' key for this item and identifiers (before any storage prefix).
     key: str = dataclasses.field(init=False)
+    # Read on every request: kept as plain fields rather than derived each time.
+    amount: int = dataclasses.field(init=False)
+    window: int = dataclasses.field(init=False)
+    unit: Unit = dataclasses.field(init=False)
+    name: str = dataclasses.field(init=False)  # the guard's name (its value)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", self.item.key_for(*self.ids))
-
-    @property
-    def amount(self) -> int:
-        return self.item.amount
-
-    @property
-    def window(self) -> int:
-        return self.item.get_expiry()
+        object.__setattr__(self, "amount", self.item.amount)
+        object.__setattr__(self, "window", self.item.get_expiry())
+        object.__setattr__(self, "unit", self.guard.unit)
+        object.__setattr__(self, "name", self.guard.value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,9 +170,24 @@ class Adjustment:
     delta: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Guards:
+    """The limits one (model, key, account) meets, by unit, built once (see :class:`Items`).
+
+    Request guards cost 1 whatever the request, so their hits are built once too.
+    """
+
+    requests: tuple[Hit, ...]
+    tokens: tuple[Limit, ...]
+    images: tuple[Limit, ...]
+    # The smallest token limit (None: no token guard).
+    token_ceiling: int | None
+
+
 class Items:
-    """limits items by (amount, unit) and limits by guard and identifiers, built once each
-    (a limits key is a string join per call: worth keeping between requests)."""
+    """limits items by (amount, unit), limits by guard and identifiers, and the guards of
+    each (model, key, account), built once each: a limits key is a string join per call,
+    and a request's plan is the same for every request of its key on its model."""
 
     MAX_LIMITS = 100_000
 
@@ -179,6 +195,7 @@ class Items:
         self.window = window
         self._items: dict[tuple[int, str], RateLimitItem] = {}
         self._limits: dict[tuple[Guard, int, tuple[str, ...]], Limit] = {}
+        self._guards: dict[tuple[object, ...], Guards] = {}
 
     def limit(self, guard: Guard, amount: int, ids: tuple[str, ...]) -> Limit:
         found = self._limits.get((guard, amount, ids))
@@ -195,6 +212,68 @@ class Items:
             item = RateLimitItemPerSecond(amount, self.window, namespace=f"{NAMESPACE}/{unit}")
             self._items[(amount, unit)] = item
         return item
+
+    def guards(self, ctx: RequestContext, config: Config) -> Guards:
+        """The guards *ctx* meets (its model, key and account, with their amounts)."""
+        model = ctx.model
+        assert model is not None
+        policy = ctx.policy
+        per_model = policy.model_limits.get(model.id) if policy.model_limits else None
+        account_rpm = config.account_rpm(ctx.account)
+        # Every amount is part of the key: a changed limit is a new entry, never a
+        # stale one.
+        key: tuple[object, ...] = (
+            model.id,
+            ctx.key_id,
+            ctx.account,
+            model.rpm,
+            model.tpm,
+            model.ipm,
+            account_rpm,
+            policy.rpm,
+            policy.tpm,
+            policy.ipm,
+            None if per_model is None else (per_model.rpm, per_model.tpm, per_model.ipm),
+        )
+        found = self._guards.get(key)
+        if found is None:
+            found = self._build(ctx, account_rpm, per_model)
+            if len(self._guards) >= self.MAX_LIMITS:
+                self._guards.clear()
+            self._guards[key] = found
+        return found
+
+    def _build(
+        self, ctx: RequestContext, account_rpm: int, per_model: ModelLimits | None
+    ) -> Guards:
+        model = ctx.model
+        assert model is not None
+        policy = ctx.policy
+        on_model = ("model", model.id)
+        on_key = ("key", ctx.key_id)
+        on_key_model = ("key", ctx.key_id, "model", model.id)
+
+        def limits(*specs: tuple[Guard, int | None, tuple[str, ...]]) -> tuple[Limit, ...]:
+            return tuple(self.limit(g, a, ids) for g, a, ids in specs if a is not None)
+
+        requests = limits(
+            (Guard.MODEL_RPM, model.rpm, on_model),
+            (Guard.ACCOUNT_RPM, account_rpm, ("account", ctx.account)),
+            (Guard.KEY_RPM, policy.rpm, on_key),
+            (Guard.KEY_MODEL_RPM, per_model.rpm if per_model else None, on_key_model),
+        )
+        tokens = limits(
+            (Guard.MODEL_TPM, model.tpm, on_model),
+            (Guard.KEY_TPM, policy.tpm, on_key),
+            (Guard.KEY_MODEL_TPM, per_model.tpm if per_model else None, on_key_model),
+        )
+        images = limits(
+            (Guard.MODEL_IPM, model.ipm, on_model),
+            (Guard.KEY_IPM, policy.ipm, on_key),
+            (Guard.KEY_MODEL_IPM, per_model.ipm if per_model else None, on_key_model),
+        )
+        ceiling = min((limit.amount for limit in tokens), default=None)
+        return Guards(tuple(Hit(limit, 1) for limit in requests), tokens, images, ceiling)
 
 
 @dataclasses.dataclass(slots=True)
@@ -215,48 +294,25 @@ def plan(ctx: RequestContext, config: Config, items: Items) -> Plan:
     could fit impossible; the reservation is settled to the real usage afterwards.
     ``count_tokens`` generates nothing: it only counts as a request.
     """
-    model = ctx.model
-    assert model is not None
-    policy = ctx.policy
-    per_model = policy.model_limits.get(model.id)
-    hits: list[Hit] = []
-
-    def add(guard: Guard, amount: int | None, ids: tuple[str, ...], cost: int) -> None:
-        if amount is not None:
-            hits.append(Hit(items.limit(guard, amount, ids), cost))
-
-    on_model = ("model", model.id)
-    on_key = ("key", ctx.key_id)
-    on_key_model = ("key", ctx.key_id, "model", model.id)
-    add(Guard.MODEL_RPM, model.rpm, on_model, 1)
-    add(Guard.ACCOUNT_RPM, config.account_rpm(ctx.account), ("account", ctx.account), 1)
-    add(Guard.KEY_RPM, policy.rpm, on_key, 1)
-    add(Guard.KEY_MODEL_RPM, per_model.rpm if per_model else None, on_key_model, 1)
-
+    guards = items.guards(ctx, config)
+    hits = list(guards.requests)
     reserved = 0
     too_large: Hit | None = None
-    if ctx.surface is not Surface.COUNT_TOKENS:
-        tpm = [
-            (Guard.MODEL_TPM, model.tpm, on_model),
-            (Guard.KEY_TPM, policy.tpm, on_key),
-            (Guard.KEY_MODEL_TPM, per_model.tpm if per_model else None, on_key_model),
-        ]
-        ceilings = [a for _, a, _ in tpm if a is not None]
-        if ceilings:
-            reserve = ctx.output_reserve(config.ratelimit.default_output_reserve)
-            estimate = ctx.input_tokens + reserve
-            reserved = min(estimate, *ceilings)
-            for guard, amount, ids in tpm:
-                add(guard, amount, ids, reserved)
-                if amount is not None and ctx.input_tokens > amount and too_large is None:
-                    too_large = hits[-1]
-    if ctx.image_count > 0:
-        n = ctx.image_count
-        add(Guard.MODEL_IPM, model.ipm, on_model, n)
-        add(Guard.KEY_IPM, policy.ipm, on_key, n)
-        add(Guard.KEY_MODEL_IPM, per_model.ipm if per_model else None, on_key_model, n)
-        for hit in hits[-3:]:
-            if hit.limit.guard.unit is Unit.IMAGES and n > hit.limit.amount and too_large is None:
+    ceiling = guards.token_ceiling
+    if ceiling is not None and ctx.surface is not Surface.COUNT_TOKENS:
+        reserve = ctx.output_reserve(config.ratelimit.default_output_reserve)
+        reserved = min(ctx.input_tokens + reserve, ceiling)
+        for limit in guards.tokens:
+            hit = Hit(limit, reserved)
+            hits.append(hit)
+            if too_large is None and ctx.input_tokens > limit.amount:
+                too_large = hit
+    n = ctx.image_count
+    if n > 0:
+        for limit in guards.images:
+            hit = Hit(limit, n)
+            hits.append(hit)
+            if too_large is None and n > limit.amount:
                 too_large = hit
     return Plan(hits, reserved, too_large)
 
@@ -288,3 +344,35 @@ def rfc3339(wall: float) -> str:
     """An RFC 3339 UTC timestamp in whole seconds (rounded up), as Anthropic's resets."""
     moment = datetime.datetime.fromtimestamp(math.ceil(wall), tz=datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Header values recur: the same few durations and, within a second, the same stamps.
+_FORMATTED_MAX = 4096
+_durations: dict[int, bytes] = {}
+_stamps: dict[int, bytes] = {}
+
+
+def go_duration_bytes(seconds: float) -> bytes:
+    """:func:`go_duration` as header bytes, cached by what it rounds to."""
+    if seconds <= 0:
+        return b"0s"
+    key = math.ceil(seconds * 1000) if seconds < 1 else -math.ceil(seconds)
+    found = _durations.get(key)
+    if found is None:
+        found = go_duration(seconds).encode()
+        if len(_durations) >= _FORMATTED_MAX:
+            _durations.clear()
+        _durations[key] = found
+    return found
+
+
+def rfc3339_bytes(wall: float) -> bytes:
+    """:func:`rfc3339` as header bytes, cached by the second it rounds to."""
+    key = math.ceil(wall)
+    found = _stamps.get(key)
+    if found is None:
+        found = rfc3339(key).encode()
+        if len(_stamps) >= _FORMATTED_MAX:
+            _stamps.clear()
+        _stamps[key] = found
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from math import floor
 
 from prometheus_client import Counter
 
@@ -28,8 +29,9 @@ from governor.ratelimit.guards import (
     Plan,
     Unit,
     go_duration,
+    go_duration_bytes,
     plan,
-    rfc3339,
+    rfc3339_bytes,
 )
 from governor.ratelimit.memory import MemoryRateStore
 from governor.ratelimit.redis import RedisRateStore
@@ -76,9 +78,47 @@ _ANTHROPIC_FAMILY = {
     )
 }
 
+_OPENAI_REQUESTS_LIMIT, _OPENAI_REQUESTS_REMAINING, _OPENAI_REQUESTS_RESET = _OPENAI_FAMILY[
+    Unit.REQUESTS
+]
+_OPENAI_TOKENS_LIMIT, _OPENAI_TOKENS_REMAINING, _OPENAI_TOKENS_RESET = _OPENAI_FAMILY[Unit.TOKENS]
+((_ANTHROPIC_REQUESTS_LIMIT, _ANTHROPIC_REQUESTS_REMAINING, _ANTHROPIC_REQUESTS_RESET),) = (
+    _ANTHROPIC_FAMILY[Unit.REQUESTS]
+)
+_ANTHROPIC_TOKENS = _ANTHROPIC_FAMILY[Unit.TOKENS]
+_ANTHROPIC = Shape.ANTHROPIC
+# Compared by identity on every request: bound once.
+_MODEL_RPM = Guard.MODEL_RPM
+_ACCOUNT_RPM = Guard.ACCOUNT_RPM
+_MODEL_IPM = Guard.MODEL_IPM
+_REQUESTS = Unit.REQUESTS
+_TOKENS = Unit.TOKENS
+_IMAGES = Unit.IMAGES
+_REFUSED = Outcome.REFUSED
+_EXCEPTION = Outcome.EXCEPTION
+
 # Stores live on their backend, so every middleware of one governor shares the counters
 # (an attribute rather than a weak mapping: a store refers to its backend).
 _STORES_ATTR = "_governor_ratelimit_stores"
+
+
+# Every header name the rate guard can set.
+_OUR_NAMES = frozenset(
+    {_DEGRADED[0], _RPM_LIMIT, _RPM_REMAINING, _CAPACITY, _IPM_LIMIT, _IPM_REMAINING}
+    | {name for names in _OPENAI_FAMILY.values() for name in names}
+    | {name for family in _ANTHROPIC_FAMILY.values() for names in family for name in names}
+)
+
+
+def _replace(message: Message, extra: RawHeaders) -> None:
+    """:func:`headers.replace`, without its filtering when no header of the response can
+    be one of ours (the usual case: the upstream sent no rate headers)."""
+    headers = message.get("headers", ())
+    for name, _ in headers:
+        if name.lower() in _OUR_NAMES:
+            h.replace(message, extra)
+            return
+    message["headers"] = [*headers, *extra]
 
 
 def counted_tokens(usage: Usage) -> int:
@@ -101,6 +141,17 @@ def _stores(backend: Backend, fallback_workers: int) -> tuple[RateStore, MemoryR
         stores = (store, MemoryRateStore(share=fallback_workers))
         setattr(backend, _STORES_ATTR, stores)
     return stores
+
+
+class _ModelCounters:
+    """The metric children one model's requests increment (labels bound once)."""
+
+    __slots__ = ("hits", "reserved", "settled")
+
+    def __init__(self, middleware: RateGuardMiddleware, model: str) -> None:
+        self.hits: dict[str, Counter] = {}  # by guard
+        self.reserved: Counter = middleware._reserved.labels(model)
+        self.settled: Counter = middleware._settled.labels(model)
 
 
 class RateGuardMiddleware:
@@ -171,6 +222,13 @@ class RateGuardMiddleware:
             "ratelimit_store_errors", "Rate store failures, by operation.", ("op",)
         )
         self._children: dict[tuple[Counter | str, ...], Counter] = {}
+        self._per_model: dict[str, _ModelCounters] = {}
+
+    def _model_counters(self, model: str) -> _ModelCounters:
+        counters = self._per_model.get(model)
+        if counters is None:
+            counters = self._per_model[model] = _ModelCounters(self, model)
+        return counters
 
     def _count(self, family: Counter, *labels: str, n: int = 1) -> None:
         key: tuple[Counter | str, ...] = (family, *labels)
@@ -245,15 +303,21 @@ class RateGuardMiddleware:
         if not decision.granted:
             await self._refuse(ctx, send, request, decision, degraded)
             return
+        counters = self._model_counters(model)
+        hit_counters = counters.hits
         for hit in request.hits:
-            self._count(self._hits, hit.limit.guard.value, model)
+            name = hit.limit.name
+            child = hit_counters.get(name)
+            if child is None:
+                child = hit_counters[name] = self._hits.labels(name, model)
+            child.inc()
         if request.reserved_tokens:
-            self._count(self._reserved, model, n=request.reserved_tokens)
+            counters.reserved.inc(request.reserved_tokens)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 refunded = ctx.refusal is not None
-                h.replace(message, self._headers(ctx, request, decision, refunded, degraded))
+                _replace(message, self._headers(ctx, request, decision, refunded, degraded))
             await send(message)
 
         error: BaseException | None = None
@@ -290,17 +354,19 @@ class RateGuardMiddleware:
         outcome = observer.outcome(
             refused=ctx.refusal is not None, disconnected=ctx.disconnected, exc=error
         )
-        refund_all = outcome in (Outcome.REFUSED, Outcome.EXCEPTION)
-        failed = observer.status is not None and observer.status >= 400
+        refund_all = outcome is _REFUSED or outcome is _EXCEPTION
+        status = observer.status
+        failed = status is not None and status >= 400
         usage = observer.usage
         settled = request.reserved_tokens
         adjustments: list[Adjustment] = []
         for hit, window, cost in zip(request.hits, decision.windows, decision.costs, strict=True):
-            unit = hit.limit.guard.unit
+            limit = hit.limit
+            unit = limit.unit
             if refund_all:
                 delta = -cost
-                self._count(self._refunds, hit.limit.guard.value, model)
-            elif unit is Unit.TOKENS:
+                self._count(self._refunds, limit.name, model)
+            elif unit is _TOKENS:
                 if usage is not None:
                     settled = counted_tokens(usage)
                     delta = settled - cost
@@ -308,17 +374,17 @@ class RateGuardMiddleware:
                     settled = 0
                     delta = -cost
                 else:
-                    delta = 0
-            elif unit is Unit.IMAGES and failed:
+                    continue
+            elif unit is _IMAGES and failed:
                 delta = -cost
             else:
-                delta = 0
+                continue
             if delta and window.window_id is not None:
-                adjustments.append(Adjustment(hit.limit, window.window_id, delta))
+                adjustments.append(Adjustment(limit, window.window_id, delta))
         if refund_all:
             settled = 0
         if request.reserved_tokens:
-            self._count(self._settled, model, n=settled)
+            self._model_counters(model).settled.inc(settled)
             ctx.notes["ratelimit"] = {
                 "tokens_reserved": request.reserved_tokens,
                 "tokens_settled": settled,
@@ -398,50 +464,77 @@ class RateGuardMiddleware:
         """The spec's rate headers and the family the caller's SDK reads.
 
         The families report the binding guard of each unit (the one with the least
-        remaining), so a client that paces itself on them never meets a refusal.
-        A request refused further in (*refunded*) reports its hits given back.
+        remaining; ties: the smaller limit), so a client that paces itself on them never
+        meets a refusal. A request refused further in (*refunded*) reports its hits
+        given back.
         """
         out: RawHeaders = []
-        binding: dict[Unit, tuple[int, int, float]] = {}
+        # The binding guard of each family's unit: remaining, amount, window, span.
+        req_left = tok_left = -1  # -1: no guard of that unit yet
+        req_amount = tok_amount = req_span = tok_span = 0
+        req_window = tok_window = None
         for hit, window, amount, cost in zip(
             request.hits, decision.windows, decision.amounts, decision.costs, strict=True
         ):
             limit = hit.limit
-            remaining = window.remaining(amount, limit.window)
+            span = limit.window
+            # Window.remaining, inlined (every hit of every request).
+            previous = window.previous
+            used = window.current
+            if previous:
+                used += floor(previous * window.previous_ttl / span)
+            remaining = amount - used if used < amount else 0
             if refunded:
                 remaining = min(amount, remaining + cost)
             guard = limit.guard
-            if guard is Guard.MODEL_RPM:
-                out += [(_RPM_LIMIT, b"%d" % amount), (_RPM_REMAINING, b"%d" % remaining)]
-            elif guard is Guard.ACCOUNT_RPM:
+            if guard is _MODEL_RPM:
+                out += ((_RPM_LIMIT, b"%d" % amount), (_RPM_REMAINING, b"%d" % remaining))
+            elif guard is _ACCOUNT_RPM:
                 out.append((_CAPACITY, b"%d" % remaining))
-            elif guard is Guard.MODEL_IPM:
-                out += [(_IPM_LIMIT, b"%d" % amount), (_IPM_REMAINING, b"%d" % remaining)]
-            unit = guard.unit
-            best = binding.get(unit)
-            if best is None or (remaining, amount) < best[:2]:
-                binding[unit] = (remaining, amount, window.reset(limit.window))
-        if ctx.shape is Shape.ANTHROPIC:
+            elif guard is _MODEL_IPM:
+                out += ((_IPM_LIMIT, b"%d" % amount), (_IPM_REMAINING, b"%d" % remaining))
+            unit = limit.unit
+            if unit is _REQUESTS:
+                if (
+                    req_left < 0
+                    or remaining < req_left
+                    or (remaining == req_left and amount < req_amount)
+                ):
+                    req_left, req_amount, req_window, req_span = remaining, amount, window, span
+            elif unit is _TOKENS and (
+                tok_left < 0
+                or remaining < tok_left
+                or (remaining == tok_left and amount < tok_amount)
+            ):
+                tok_left, tok_amount, tok_window, tok_span = remaining, amount, window, span
+        if ctx.shape is _ANTHROPIC:
             wall = self.governor.clock.time()
-            for unit, names in _ANTHROPIC_FAMILY.items():
-                if unit in binding:
-                    remaining, amount, reset = binding[unit]
-                    stamp = rfc3339(wall + reset).encode()
-                    for limit_name, remaining_name, reset_name in names:
-                        out += [
-                            (limit_name, b"%d" % amount),
-                            (remaining_name, b"%d" % remaining),
-                            (reset_name, stamp),
-                        ]
+            if req_window is not None:
+                stamp = rfc3339_bytes(wall + req_window.reset(req_span))
+                out += (
+                    (_ANTHROPIC_REQUESTS_LIMIT, b"%d" % req_amount),
+                    (_ANTHROPIC_REQUESTS_REMAINING, b"%d" % req_left),
+                    (_ANTHROPIC_REQUESTS_RESET, stamp),
+                )
+            if tok_window is not None:
+                stamp = rfc3339_bytes(wall + tok_window.reset(tok_span))
+                whole = b"%d" % tok_amount
+                left = b"%d" % tok_left
+                for limit_name, remaining_name, reset_name in _ANTHROPIC_TOKENS:
+                    out += ((limit_name, whole), (remaining_name, left), (reset_name, stamp))
         else:
-            for unit, (limit_name, remaining_name, reset_name) in _OPENAI_FAMILY.items():
-                if unit in binding:
-                    remaining, amount, reset = binding[unit]
-                    out += [
-                        (limit_name, b"%d" % amount),
-                        (remaining_name, b"%d" % remaining),
-                        (reset_name, go_duration(reset).encode()),
-                    ]
+            if req_window is not None:
+                out += (
+                    (_OPENAI_REQUESTS_LIMIT, b"%d" % req_amount),
+                    (_OPENAI_REQUESTS_REMAINING, b"%d" % req_left),
+                    (_OPENAI_REQUESTS_RESET, go_duration_bytes(req_window.reset(req_span))),
+                )
+            if tok_window is not None:
+                out += (
+                    (_OPENAI_TOKENS_LIMIT, b"%d" % tok_amount),
+                    (_OPENAI_TOKENS_REMAINING, b"%d" % tok_left),
+                    (_OPENAI_TOKENS_RESET, go_duration_bytes(tok_window.reset(tok_span))),
+                )
         if degraded:
             out.append(_DEGRADED)
         return out
