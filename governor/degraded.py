@@ -3,8 +3,8 @@
 A guard that cannot reach its shared state (Redis down, too slow, a script error) acts
 on its ``fail_mode`` and calls :func:`mark`: the request's context lists the guard
 (``ctx.notes["degraded_guards"]``), ``X-Hypereal-Managed-Degraded`` names every
-degraded guard of the request (``ratelimit,billing``; added by the stack's outermost
-layer, and by a guard itself on its own refusals), and two metrics follow it:
+degraded guard of the request (``ratelimit,billing``; added by the foundation's
+outermost send wrapper, over any value a guard put itself), and two metrics follow it:
 
 - ``governor_degraded{guard}``: 1 while the guard's last backend operation on this
   worker failed, 0 once one succeeds again (the guard calls :func:`healthy`);
@@ -14,12 +14,16 @@ layer, and by a guard itself on its own refusals), and two metrics follow it:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge
 
 from governor import headers as h
-from governor.context import RequestContext
-from governor.runtime import Governor
 from governor.types import Message
+
+if TYPE_CHECKING:
+    from governor.context import RequestContext
+    from governor.runtime import Governor
 
 NOTE = "degraded_guards"
 HEADER = h.wire(h.DEGRADED)

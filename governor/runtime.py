@@ -19,6 +19,8 @@ from governor.backends import Backend, backend_from_config
 from governor.catalog import Catalog
 from governor.clock import SYSTEM_CLOCK, Clock
 from governor.config import Config
+from governor.degraded import NOTE as DEGRADED_NOTE
+from governor.degraded import stamp as stamp_degraded
 from governor.errors import RequestError, send_error
 from governor.keys import ConfigKeyResolver, KeyResolver
 from governor.metrics import Metrics
@@ -188,6 +190,8 @@ class Governor:
             if kind == "http.response.start":
                 # Appended, not replaced: the forwarder drops the upstream's X-Hypereal-*.
                 message["headers"] = [*message.get("headers", ()), request_id, _GOVERNOR_ACTIVE]
+                if ctx.notes.get(DEGRADED_NOTE):
+                    stamp_degraded(ctx, message)  # guards that ran on their fail mode
                 observer.on_start(message, clock.monotonic())
                 counted(ctx.surface.value, message["status"]).inc()
             elif kind == "http.response.body":

@@ -26,11 +26,10 @@ from __future__ import annotations
 from governor.admission import AdmissionMiddleware
 from governor.billing import BillingMiddleware
 from governor.breaker import BreakerMiddleware
-from governor.degraded import stamp
 from governor.fingerprint import FingerprintMiddleware
 from governor.ratelimit import RateGuardMiddleware
 from governor.runtime import Governor
-from governor.types import ASGIApp, Message, Receive, Scope, Send
+from governor.types import ASGIApp, Receive, Scope, Send
 from governor.usage_log import UsageLogMiddleware
 
 
@@ -53,19 +52,8 @@ class ContextMiddleware:
         entered = await self.governor.enter(scope, receive, send)
         if entered is None:
             return
-        ctx, receive, send = entered
-        if ctx is None:
-            await self.app(scope, receive, send)
-            return
-        observed = send
-
-        async def send_degraded(message: Message) -> None:
-            # One header naming every guard that ran on its fail mode (docs/reliability.md).
-            if message["type"] == "http.response.start":
-                stamp(ctx, message)
-            await observed(message)
-
-        await self.app(scope, receive, send_degraded)
+        _, receive, send = entered
+        await self.app(scope, receive, send)
 
 
 def wrap(app: ASGIApp, governor: Governor | None = None) -> ASGIApp:
