@@ -69,6 +69,9 @@ ROUTES: dict[str, tuple[Surface, str, bool]] = {
     "/v1/managed/models": (Surface.MODELS, "GET", False),
 }
 
+_CACHE = h.wire(h.CACHE)
+_SESSION_ID = h.wire(h.SESSION_ID)
+_CLAUDE_CODE_SESSION_ID = h.wire(h.CLAUDE_CODE_SESSION_ID)
 _SLASHES = re.compile(r"/{2,}")
 _OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
@@ -103,6 +106,8 @@ class RequestContext:
     policy: KeyPolicy
     headers: RawHeaders
     client: tuple[str, int] | None
+    # Lower-case request header name -> its first value, for cheap lookups.
+    header_map: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
     model: ModelSpec | None = None
     model_id: str = ""
     stream: bool = False
@@ -299,7 +304,7 @@ def apply_payload(ctx: RequestContext, payload: Mapping[str, Any], catalog: Cata
         raise BadRequest("'prompt' must be a string.", param="prompt", code="invalid_prompt")
     ctx.input_tokens = estimate_input_tokens(payload)
     cache_control = payload.get("cache_control")
-    cache_header = h.get(ctx.headers, h.wire(h.CACHE))
+    cache_header = ctx.header_map.get(_CACHE)
     ctx.cache = (cache_header is not None and cache_header.strip().lower() in (b"true", b"1")) or (
         isinstance(cache_control, Mapping) and bool(cache_control)
     )
@@ -316,9 +321,8 @@ def new_context(
     arrived_wall: float,
 ) -> RequestContext:
     raw_headers: RawHeaders = list(scope.get("headers", ()))
-    session = h.get(raw_headers, h.wire(h.SESSION_ID)) or h.get(
-        raw_headers, h.wire(h.CLAUDE_CODE_SESSION_ID)
-    )
+    header_map = h.first_values(raw_headers)
+    session = header_map.get(_SESSION_ID) or header_map.get(_CLAUDE_CODE_SESSION_ID)
     client = scope.get("client")
     return RequestContext(
         request_id=request_id,
@@ -332,6 +336,7 @@ def new_context(
         account=policy.account,
         policy=policy,
         headers=raw_headers,
+        header_map=header_map,
         client=(str(client[0]), int(client[1])) if client else None,
         session_id=session.decode("latin-1") if session else None,
     )

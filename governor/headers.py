@@ -72,6 +72,15 @@ def get(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
+def first_values(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Lower-case name -> first value: one pass, so that later lookups cost a dict get
+    instead of a scan that lower-cases every name (a Claude Code request carries ~20)."""
+    found: dict[bytes, bytes] = {}
+    for key, value in headers:
+        found.setdefault(key.lower(), value)
+    return found
+
+
 def get_all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     """Every value of *name* (lower-case bytes) in raw *headers*, in order."""
     return [value for key, value in headers if key.lower() == name]
@@ -86,5 +95,8 @@ def append(message: Message, extra: RawHeaders) -> None:
 def replace(message: Message, extra: RawHeaders) -> None:
     """Set *extra* on an ``http.response.start`` *message*, dropping any earlier values."""
     names = {k for k, _ in extra}
-    kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in names]
-    message["headers"] = [*kept, *extra]
+    headers = message.get("headers", ())
+    # Most responses carry none of these names: then a plain append does.
+    if any(k.lower() in names for k, _ in headers):
+        headers = [(k, v) for k, v in headers if k.lower() not in names]
+    message["headers"] = [*headers, *extra]

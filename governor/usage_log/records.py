@@ -48,10 +48,13 @@ class UsageRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def client_family(headers: RawHeaders) -> str:
+def client_family(headers: RawHeaders | dict[bytes, bytes]) -> str:
     """``claude-cli``, ``openai-sdk``, ``anthropic-sdk``, ``curl`` or ``other``, from the
     user agent (a label for usage logs, not a fingerprint: anyone can send any)."""
-    ua = (h.get(headers, b"user-agent") or b"").decode("latin-1").lower()
+    found = (
+        headers.get(b"user-agent") if isinstance(headers, dict) else h.get(headers, b"user-agent")
+    )
+    ua = (found or b"").decode("latin-1").lower()
     if ua.startswith(("claude-cli/", "claude-code/")):
         return "claude-cli"
     if ua.startswith(("openai/", "asyncopenai/")):
@@ -97,5 +100,5 @@ def build_record(ctx: RequestContext, outcome: Outcome, now: float) -> UsageReco
         latency_ms=_ms(ended - ctx.arrived) or 0,
         queue_wait_ms=None if queue_wait is None else round(float(queue_wait)),
         ttfb_ms=_ms(resp.first_byte_at - ctx.arrived) if resp.first_byte_at is not None else None,
-        client_family=client_family(ctx.headers),
+        client_family=client_family(ctx.header_map),
     )
