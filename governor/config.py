@@ -131,6 +131,10 @@ class FingerprintConfig:
     behaviour_action: Literal["block", "suspend"] = "block"
     # The same -max body from another key or address within this window is a replay.
     replay_window_s: float = 600.0
+    # How long a worker trusts that a key is not suspended before asking the backend
+    # again: a suspension made on another worker applies here at most this much later
+    # (0: ask on every request, one Redis round trip each).
+    suspension_cache_s: float = 1.0
     # A replacement rules file (TOML); None: the packaged governor/fingerprint/rules.toml.
     rules_path: str | None = None
     # Bearer token of the suspension admin routes.

@@ -95,6 +95,11 @@ def make_config(
             changes["sink"] = usage_sink
         if section == "billing":
             changes["reservation_ttl_s"] = reservation_ttl_s
+        if section == "fingerprint":
+            # The faults write suspensions straight into Redis, as another worker would,
+            # and expect them at once: no "not suspended" cache here (its own tests
+            # cover the bounded delay it adds).
+            changes["suspension_cache_s"] = 0.0
         kwargs[section] = dataclasses.replace(current, **changes)
     kwargs.update(sections)
     return Config(**kwargs)

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from governor.errors import ConfigurationError
-from governor.fingerprint.store import FingerprintStore, Suspension, store_for
+from governor.fingerprint.store import FingerprintStore, Suspension, cleared_keys, store_for
 from governor.runtime import Governor
 
 log = logging.getLogger("governor.fingerprint")
@@ -28,6 +28,7 @@ class Suspensions:
     def __init__(self, governor: Governor) -> None:
         self.governor = governor
         self.store: FingerprintStore = store_for(governor.backend, governor.clock)
+        self.cleared = cleared_keys(governor)
 
     async def list(self) -> list[Suspension]:
         return await self.store.suspensions()
@@ -38,6 +39,7 @@ class Suspensions:
     async def lift(self, key_id: str, *, by: str = "operator") -> bool:
         """Lift *key_id*'s suspension (and its strikes). False if it was not suspended."""
         lifted = await self.store.lift(key_id)
+        self.cleared.forget(key_id)
         log.warning(
             "fingerprint suspension lifted key=%s by=%s found=%s",
             key_id,
@@ -59,6 +61,7 @@ class Suspensions:
             by=by,
         )
         await self.store.suspend(record)
+        self.cleared.forget(key_id)
         log.warning(
             "fingerprint key suspended by operator key=%s reason=%s",
             key_id,

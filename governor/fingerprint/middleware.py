@@ -27,7 +27,14 @@ from governor.errors import BackendError, NotFound, Overloaded, PermissionDenied
 from governor.fingerprint.checks import Finding, Inspection, Inspector, header_map
 from governor.fingerprint.memory import MemoryFingerprintStore
 from governor.fingerprint.rules import Rules, load_rules
-from governor.fingerprint.store import FingerprintStore, Seen, Suspension, Windows, store_for
+from governor.fingerprint.store import (
+    FingerprintStore,
+    Seen,
+    Suspension,
+    Windows,
+    cleared_keys,
+    store_for,
+)
 from governor.runtime import Governor
 from governor.types import ASGIApp, Receive, Scope, Send
 
@@ -148,6 +155,7 @@ class FingerprintMiddleware:
         self.store: FingerprintStore = store_for(self.governor.backend, self.governor.clock)
         # Redis down (fail open): strikes and suspensions of this worker, synced back later.
         self._fallback = MemoryFingerprintStore(self.governor.clock)
+        self.cleared = cleared_keys(self.governor)
         # The store's epoch when this worker cached each suspension (see _suspension).
         self._epochs: dict[str, str] = {}
         self.degraded = degraded_for(self.governor)
@@ -253,6 +261,7 @@ class FingerprintMiddleware:
                 model=ctx.model_id.strip()[:100],
                 request_id=ctx.request_id,
             )
+            self.cleared.forget(ctx.key_id)
             strikes, suspended = await self._strike(record, ctx)
             decision.strikes = strikes
             decision.verdict = Verdict.SUSPEND if suspended else Verdict.BLOCK
@@ -305,6 +314,17 @@ class FingerprintMiddleware:
     # --- state, with the fail mode ------------------------------------------------------
 
     async def _suspension(
+        self, key_id: str, ctx: RequestContext | None = None
+    ) -> Suspension | None:
+        now = self.governor.clock.monotonic()
+        if self.cleared.trusted(key_id, now):
+            return None
+        found = await self._shared_suspension(key_id, ctx)
+        if found is None:
+            self.cleared.clear(key_id, now)
+        return found
+
+    async def _shared_suspension(
         self, key_id: str, ctx: RequestContext | None = None
     ) -> Suspension | None:
         try:

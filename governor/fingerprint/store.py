@@ -16,6 +16,7 @@ from governor.backends import Backend, RedisBackend
 
 if TYPE_CHECKING:
     from governor.clock import Clock
+    from governor.runtime import Governor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +124,42 @@ def store_for(backend: Backend, clock: Clock) -> FingerprintStore:
             store = MemoryFingerprintStore(clock)
         _STORES[backend] = store
     return store
+
+
+class ClearedKeys:
+    """Keys this worker saw *not* suspended in the shared store, and until when it may
+    trust that without asking again.
+
+    Asking Redis on every request costs a round trip before every upstream call; a key
+    suspended by another worker is refused here at most ``ttl_s`` later. A suspension
+    made or lifted through this governor (a strike, the operator API) forgets the key at
+    once. ``ttl_s`` 0 asks every time.
+    """
+
+    MAX_KEYS = 100_000
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._until: dict[str, float] = {}
+
+    def trusted(self, key_id: str, now: float) -> bool:
+        until = self._until.get(key_id)
+        return until is not None and now < until
+
+    def clear(self, key_id: str, now: float) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._until) >= self.MAX_KEYS:
+            self._until.clear()  # a crude bound: the cost is one more lookup per key
+        self._until[key_id] = now + self.ttl_s
+
+    def forget(self, key_id: str) -> None:
+        self._until.pop(key_id, None)
+
+
+def cleared_keys(governor: Governor) -> ClearedKeys:
+    """The one :class:`ClearedKeys` of *governor* (shared by the middleware and the
+    operator API, so an operator's suspension applies here at once)."""
+    # In memory the lookup is a dict get: nothing to save, so no staleness either.
+    ttl = governor.config.fingerprint.suspension_cache_s if governor.backend.kind == "redis" else 0
+    return governor.shared("fingerprint.cleared", lambda: ClearedKeys(ttl))
