@@ -24,7 +24,7 @@ from governor.degraded import stamp as stamp_degraded
 from governor.errors import RequestError, send_error
 from governor.keys import ConfigKeyResolver, KeyResolver
 from governor.metrics import Metrics
-from governor.types import Message, Receive, Scope, Send
+from governor.types import ASGIApp, Message, Receive, Scope, Send
 
 _T = TypeVar("_T")
 _GOVERNOR_ACTIVE = h.header(h.GOVERNOR, "active")
@@ -161,6 +161,34 @@ class Governor:
             return None
         scope[c.SCOPE_KEY] = ctx
         return ctx, self._replay(ctx, receive), self._observe(ctx, send)
+
+    async def model_call(
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        skip: frozenset[c.Surface] = frozenset(),
+    ) -> tuple[c.RequestContext, Receive, Send] | None:
+        """:meth:`enter` for a middleware that governs model calls.
+
+        Returns ``(ctx, receive, send)`` for a model call on a surface not in *skip*. For
+        anything else (not HTTP, not a governed path, no model such as the models list,
+        a skipped surface) it runs *app* itself; bad input it has answered already.
+        Either way it returns None, and the middleware is done.
+        """
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return None
+        entered = await self.enter(scope, receive, send)
+        if entered is None:
+            return None
+        ctx, receive, send = entered
+        if ctx is None or ctx.model is None or ctx.surface in skip:
+            await app(scope, receive, send)
+            return None
+        return ctx, receive, send
 
     def _replay(self, ctx: c.RequestContext, receive: Receive) -> Receive:
         replayed = ctx.method != "POST"

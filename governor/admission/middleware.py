@@ -45,6 +45,8 @@ _LIMIT = h.wire(h.CONCURRENCY_LIMIT)
 _REMAINING = h.wire(h.CONCURRENCY_REMAINING)
 _WAIT_MS = h.wire(h.QUEUE_WAIT_MS)
 _DEGRADED = h.header(h.DEGRADED, "admission")
+# count_tokens is answered without generating: it takes no model slot.
+_SKIP = frozenset({Surface.COUNT_TOKENS})
 
 
 class ModelBusy(RateLimited):
@@ -224,17 +226,10 @@ class AdmissionMiddleware:
         self._lost.labels(model).inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        entered = await self.governor.enter(scope, receive, send)
+        entered = await self.governor.model_call(self.app, scope, receive, send, skip=_SKIP)
         if entered is None:
             return
         ctx, receive, send = entered
-        # count_tokens is answered without generating: it takes no model slot.
-        if ctx is None or ctx.model is None or ctx.surface is Surface.COUNT_TOKENS:
-            await self.app(scope, receive, send)
-            return
         await self._governed(ctx, scope, receive, send)
 
     # --- one request ------------------------------------------------------------------

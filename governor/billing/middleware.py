@@ -265,16 +265,10 @@ class BillingMiddleware:
         self.retries = retries_for(gov, self.ledger)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        entered = await self.governor.enter(scope, receive, send)
+        entered = await self.governor.model_call(self.app, scope, receive, send, skip=_UNBILLED)
         if entered is None:
             return
         ctx, receive, send = entered
-        if ctx is None or ctx.model is None or ctx.surface in _UNBILLED:
-            await self.app(scope, receive, send)
-            return
         await _Billed(self, ctx, send).run(scope, receive)
 
 

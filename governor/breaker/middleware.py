@@ -42,16 +42,11 @@ class BreakerMiddleware:
         if scope["type"] == "lifespan":
             await self.app(scope, self._on_shutdown(receive), send)
             return
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        entered = await self.governor.enter(scope, receive, send)
+        entered = await self.governor.model_call(self.app, scope, receive, send)
         if entered is None:
             return
         ctx, receive, send = entered
-        if ctx is None or ctx.model is None:
-            await self.app(scope, receive, send)
-            return
+        assert ctx.model is not None
         decision = await self.breakers.admit(ctx.model)
         if decision.degraded:
             mode = self.config.fail_mode

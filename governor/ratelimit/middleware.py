@@ -238,16 +238,11 @@ class RateGuardMiddleware:
         child.inc(n)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        entered = await self.governor.enter(scope, receive, send)
+        entered = await self.governor.model_call(self.app, scope, receive, send)
         if entered is None:
             return
         ctx, receive, send = entered
-        if ctx is None or ctx.model is None:
-            await self.app(scope, receive, send)
-            return
+        assert ctx.model is not None
         model = ctx.model.id
         if not ctx.policy.allows(model):
             self._count(self._refusals, "scope", model)

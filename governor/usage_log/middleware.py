@@ -20,6 +20,8 @@ from governor.usage_log.records import build_record
 from governor.usage_log.sinks import UsageSink, sink_for
 
 log = logging.getLogger("governor.usage")
+# count_tokens generates nothing and costs nothing: no usage record.
+_SKIP = frozenset({Surface.COUNT_TOKENS})
 
 
 class UsageLogMiddleware:
@@ -42,16 +44,10 @@ class UsageLogMiddleware:
         self.degraded = degraded_for(self.governor)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        entered = await self.governor.enter(scope, receive, send)
+        entered = await self.governor.model_call(self.app, scope, receive, send, skip=_SKIP)
         if entered is None:
             return
         ctx, receive, send = entered
-        if ctx is None or ctx.model is None or ctx.surface is Surface.COUNT_TOKENS:
-            await self.app(scope, receive, send)
-            return
         exc: BaseException | None = None
         try:
             await self.app(scope, receive, send)
