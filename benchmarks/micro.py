@@ -261,7 +261,7 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
 
 
 def report(results: list[tuple[str, float]]) -> str:
-    bare = results[0][1]
+    bare = results[0][1] if results else 0.0
     lines = [
         "| variant | µs / request | added over bare app (µs) |",
         "|---|---:|---:|",
@@ -281,7 +281,7 @@ def redis_report(redis: dict[str, Any]) -> str:
         lines.append(
             f"| {row['name']} | {row['us']:.0f} | {row['commands_per_request']:.2f} "
             f"| {row['round_trips_per_request']:.2f} | {row['admission_round_trips']:g} "
-            f"(most {row['admission_round_trips_max']}) |"
+            f"(most {row.get('admission_round_trips_max', '?')}) |"
         )
     return "\n".join(lines)
 

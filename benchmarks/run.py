@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import psutil
 
 from benchmarks import loadgen
+from benchmarks import micro as micro_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -803,30 +804,12 @@ def open_table(cells: Sequence[dict[str, Any]]) -> str:
 
 
 def micro_table(micro: dict[str, Any]) -> str:
-    lines = [
-        "| variant | µs / request | added over bare app (µs) |",
-        "|---|---:|---:|",
-    ]
     rows = micro.get("results", [])
-    bare = rows[0]["us"] if rows else 0.0
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['us']:.1f} | {r['us'] - bare:+.1f} |")
-    return "\n".join(lines)
+    return micro_bench.report([(r["name"], r["us"]) for r in rows])
 
 
 def redis_table(redis: dict[str, Any]) -> str:
-    lines = [
-        "| variant (Redis backend) | µs / request | commands / request | round trips / request "
-        "| round trips before the upstream call: median (most) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in redis["layers"]:
-        lines.append(
-            f"| {r['name']} | {r['us']:.0f} | {r['commands_per_request']:.2f} "
-            f"| {r['round_trips_per_request']:.2f} | {r['admission_round_trips']:g} "
-            f"({r.get('admission_round_trips_max', '?')}) |"
-        )
-    return "\n".join(lines)
+    return micro_bench.redis_report(redis)
 
 
 def target_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:

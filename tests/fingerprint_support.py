@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from governor.types import ASGIApp, Message
-from tests.helpers import Result
+from governor.types import ASGIApp
+from tests.helpers import Result, run_scope
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clients"
 CAPTURED_KEY = "ck_test"
@@ -127,24 +127,7 @@ def scope_for(
 
 async def run(app: ASGIApp, scope: dict[str, Any], body: bytes) -> Result:
     """Send one request with *body* to *app*; record the answer."""
-    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> Message:
-        if pending:
-            return pending.pop()
-        return {"type": "http.disconnect"}
-
-    messages: list[Message] = []
-
-    async def send(message: Message) -> None:
-        messages.append(message)
-
-    await app(scope, receive, send)
-    start = next((m for m in messages if m["type"] == "http.response.start"), None)
-    status = start["status"] if start else 0
-    headers = list(start.get("headers", [])) if start else []
-    out = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-    return Result(status, headers, out, messages)
+    return await run_scope(app, scope, [body])
 
 
 async def replay(

@@ -87,16 +87,33 @@ async def call(
             body = json.dumps(json_body).encode() if json_body is not None else b""
         chunks = [body]
     scope = make_scope(method, path, headers, query=query, client=client)
+    # No disconnect event: the client stays until the app is done.
+    gone = disconnect if disconnect is not None else asyncio.Event()
+    return await run_scope(app, scope, chunks, disconnect=gone)
+
+
+async def run_scope(
+    app: ASGIApp,
+    scope: dict[str, Any],
+    chunks: list[bytes],
+    *,
+    disconnect: asyncio.Event | None = None,
+) -> Result:
+    """Call *app* with *scope*, the body in *chunks*, and record what it sends.
+
+    After the body, ``receive`` waits for *disconnect* (if given; else at once) and then
+    reports the client gone.
+    """
     pending = [
         {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
         for i, c in enumerate(chunks)
     ]
-    gone = disconnect if disconnect is not None else asyncio.Event()
 
     async def receive() -> Message:
         if pending:
             return pending.pop(0)
-        await gone.wait()
+        if disconnect is not None:
+            await disconnect.wait()
         return {"type": "http.disconnect"}
 
     messages: list[Message] = []
