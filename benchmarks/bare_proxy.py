@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from starlette.applications import Starlette
 
 from examples.forwarder import UpstreamSettings, bare_app
+from examples.serving import FAST_SERVING
 
 UPSTREAM_ENV = "BENCH_BARE_UPSTREAM"
 
@@ -55,10 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        http="httptools",
-        loop="auto",
         log_level="warning",
-        access_log=False,
+        **FAST_SERVING,
     )
 
 

@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from examples.mock_upstream import MockUpstream
-    from examples.serving import ServerThread, bind, url_of
+    from examples.serving import FAST_SERVING, ServerThread, bind, url_of
 
     try:
         settings = Settings.parse(argv, os.environ)
@@ -423,10 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = uvicorn.Server(
                 uvicorn.Config(
                     build_app(Governor(config), settings.upstream_settings()),
-                    http="httptools",
-                    loop="auto",
                     log_level=log,
-                    access_log=False,
+                    **FAST_SERVING,
                 )
             )
             server.run(sockets=[sock])
@@ -445,10 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
-            http="httptools",
-            loop="auto",
             log_level=log,
-            access_log=False,
+            **FAST_SERVING,
         )
         return 0
     finally:

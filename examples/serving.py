@@ -75,6 +75,11 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
+# How the demo and the benchmarks' bare proxy serve: httptools and uvloop (when
+# installed), no access log; the same settings for both keep comparisons fair.
+FAST_SERVING: dict[str, Any] = {"http": "httptools", "loop": "auto", "access_log": False}
+
+
 def server_config(app: ASGIApp, **options: Any) -> uvicorn.Config:
     """uvicorn settings for an embedded server: httptools, quiet, lifespan on, quick stop."""
     settings: dict[str, Any] = {

@@ -12,11 +12,19 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from governor import ContextMiddleware, Governor
+from governor.backends import Backend
+from governor.clock import ManualClock
+from governor.config import Config, FingerprintConfig
+from governor.fingerprint import FingerprintMiddleware
 from governor.types import ASGIApp
+from tests.apps import EchoApp
 from tests.helpers import Result, run_scope
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clients"
@@ -123,6 +131,23 @@ def scope_for(
         "server": ("127.0.0.1", 8000),
         "state": {},
     }
+
+
+Make = Callable[..., tuple[Governor, ASGIApp, EchoApp]]
+
+
+def stack_factory(backend: Backend, clock: ManualClock, registry: CollectorRegistry) -> Make:
+    """A builder of (governor, Context + Fingerprint over an echo app, the echo app),
+    taking ``FingerprintConfig`` options."""
+
+    def build(**options: Any) -> tuple[Governor, ASGIApp, EchoApp]:
+        config = Config(demo_keys=True, fingerprint=FingerprintConfig(**options))
+        gov = Governor(config, backend=backend, clock=clock, registry=registry)
+        echo = EchoApp()
+        app = ContextMiddleware(FingerprintMiddleware(echo, governor=gov), governor=gov)
+        return gov, app, echo
+
+    return build
 
 
 async def run(app: ASGIApp, scope: dict[str, Any], body: bytes) -> Result:

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from governor import ContextMiddleware, Governor, key_id, wrap
+from governor import Governor, key_id, wrap
 from governor.backends import Backend
 from governor.clock import ManualClock
 from governor.config import Config, FingerprintConfig
 from governor.fingerprint import FingerprintMiddleware, Suspensions
-from governor.types import ASGIApp
 from tests.apps import EchoApp, sse_app
 from tests.fingerprint_support import (
     FOREIGN,
     GENUINE,
+    Make,
     first,
     new_key,
     replay,
@@ -26,22 +26,14 @@ from tests.fingerprint_support import (
     run,
     scope_for,
     set_header,
+    stack_factory,
     with_version,
 )
-
-Make = Callable[..., tuple[Governor, ASGIApp, EchoApp]]
 
 
 @pytest.fixture
 def make(backend: Backend, clock: ManualClock, registry: CollectorRegistry) -> Make:
-    def build(**options: Any) -> tuple[Governor, ASGIApp, EchoApp]:
-        config = Config(demo_keys=True, fingerprint=FingerprintConfig(**options))
-        gov = Governor(config, backend=backend, clock=clock, registry=registry)
-        echo = EchoApp()
-        app = ContextMiddleware(FingerprintMiddleware(echo, governor=gov), governor=gov)
-        return gov, app, echo
-
-    return build
+    return stack_factory(backend, clock, registry)
 
 
 async def suspended(gov: Governor, key: str) -> bool:

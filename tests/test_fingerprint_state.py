@@ -7,7 +7,6 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 
-from governor import ContextMiddleware, Governor, key_id
+from governor import Governor, key_id
 from governor.backends import Backend, RedisBackend
 from governor.clock import ManualClock
 from governor.config import Config, FingerprintConfig, RedisConfig
@@ -27,22 +26,13 @@ from governor.types import ASGIApp
 from tests import conftest
 from tests.apps import EchoApp
 from tests.conftest import drop_prefix, real_redis_or_skip
-from tests.fingerprint_support import first, new_key, replay, set_header
+from tests.fingerprint_support import Make, first, new_key, replay, set_header, stack_factory
 from tests.helpers import auth, call
-
-Make = Callable[..., tuple[Governor, ASGIApp, EchoApp]]
 
 
 @pytest.fixture
 def make(backend: Backend, clock: ManualClock, registry: CollectorRegistry) -> Make:
-    def build(**options: Any) -> tuple[Governor, ASGIApp, EchoApp]:
-        config = Config(demo_keys=True, fingerprint=FingerprintConfig(**options))
-        gov = Governor(config, backend=backend, clock=clock, registry=registry)
-        echo = EchoApp()
-        app = ContextMiddleware(FingerprintMiddleware(echo, governor=gov), governor=gov)
-        return gov, app, echo
-
-    return build
+    return stack_factory(backend, clock, registry)
 
 
 def cli(device: str | None = None, session: str | None = None) -> dict[str, Any]:
