@@ -47,6 +47,9 @@ class RedisConfig:
     pool_timeout_s: float = 1.0
     retries: int = 1
     key_prefix: str = "gov"
+    # Script calls made in the same event-loop turn go to Redis as one pipeline
+    # (auto-pipelining): far less CPU per call under load, one loop turn of delay.
+    autopipeline: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
 from governor.backends.base import Backend, MemoryBackend
+from governor.backends.batching import ScriptBatcher
 from governor.config import Config, RedisConfig
 from governor.errors import BackendError, ConfigurationError
 
@@ -75,6 +76,9 @@ class RedisBackend(Backend):
         self._owns_client = client is None
         self._client: Redis = client if client is not None else make_client(self.config)
         self._scripts: dict[tuple[str, str], AsyncScript] = {}
+        self._batcher: ScriptBatcher | None = None
+        if self.config.autopipeline:
+            self._batcher = ScriptBatcher(self._client, retries=self.config.retries)
 
     @property
     def redis(self) -> Redis:
@@ -96,6 +100,8 @@ class RedisBackend(Backend):
 
     async def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Run *script*, translating Redis failures into :class:`BackendError`."""
+        if self._batcher is not None:
+            return await self._batcher.submit(script, keys, args)
         with map_redis_errors("script"):
             return await script(keys=keys, args=args)
 
@@ -104,6 +110,8 @@ class RedisBackend(Backend):
             return bool(await self._client.ping())
 
     async def aclose(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.aclose()
         if self._owns_client:
             await self._client.aclose()
 

@@ -1,0 +1,98 @@
+"""Auto-pipelining: script calls of one event-loop turn travel as one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from governor.backends import RedisBackend
+from governor.backends.batching import ScriptBatcher, _pack
+from governor.errors import BackendError
+
+
+def batcher_of(backend: RedisBackend) -> ScriptBatcher:
+    batcher = backend._batcher
+    assert batcher is not None, "autopipeline is on by default"
+    return batcher
+
+
+async def test_calls_of_one_turn_share_one_batch(redis_backend: RedisBackend) -> None:
+    """Ten calls started together cost one batch, and each gets its own reply."""
+    script = redis_backend.script("tests", "probe.lua")
+    keys = [redis_backend.key(f"b{i}") for i in range(10)]
+    batcher = batcher_of(redis_backend)
+    before = batcher.batches
+    calls = (redis_backend.run(script, [k], [i]) for i, k in enumerate(keys))
+    replies = await asyncio.gather(*calls)
+    assert [r[0] for r in replies] == list(range(10))
+    assert batcher.batches == before + 1
+
+
+async def test_a_script_error_fails_only_its_own_call(redis_backend: RedisBackend) -> None:
+    """INCRBY on a non-number fails that call; the others in the batch still succeed."""
+    script = redis_backend.script("tests", "probe.lua")
+    key = redis_backend.key("ok")
+    results = await asyncio.gather(
+        redis_backend.run(script, [key], [1]),
+        redis_backend.run(script, [key], ["not-a-number"]),
+        redis_backend.run(script, [key], [2]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], BackendError)
+    assert [results[0][0], results[2][0]] == [1, 3]  # type: ignore[index]
+
+
+async def test_a_flushed_script_is_loaded_again(redis_backend: RedisBackend) -> None:
+    """After SCRIPT FLUSH (or a Redis restart) the batch loads the script and goes on."""
+    script = redis_backend.script("tests", "probe.lua")
+    key = redis_backend.key("flushed")
+    await redis_backend.run(script, [key], [1])
+    await redis_backend.redis.script_flush()
+    replies = await asyncio.gather(*(redis_backend.run(script, [key], [1]) for _ in range(3)))
+    assert sorted(r[0] for r in replies) == [2, 3, 4]
+
+
+async def test_a_cancelled_caller_leaves_the_batch_whole(redis_backend: RedisBackend) -> None:
+    """A caller that leaves mid-flight does not fail its neighbours; its script still ran."""
+    script = redis_backend.script("tests", "probe.lua")
+    key = redis_backend.key("cancel")
+    leaving = asyncio.ensure_future(redis_backend.run(script, [key], [1]))
+    staying = asyncio.ensure_future(redis_backend.run(script, [key], [1]))
+    await asyncio.sleep(0)  # both submitted, the batch not yet sent
+    leaving.cancel()
+    assert (await staying)[0] in (1, 2)
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await batcher_of(redis_backend).aclose()
+    assert await redis_backend.redis.get(key) == b"2"
+
+
+async def test_unreachable_redis_fails_every_call_with_backend_error() -> None:
+    from governor.backends.redis import make_client
+    from governor.config import RedisConfig
+
+    config = RedisConfig(url="redis://127.0.0.1:1/0", retries=0)
+    async with RedisBackend(config, client=make_client(config)) as backend:
+        script = backend.script("tests", "probe.lua")
+        results = await asyncio.gather(
+            *(backend.run(script, ["k"], [1]) for _ in range(3)), return_exceptions=True
+        )
+    assert all(isinstance(r, BackendError) for r in results)
+
+
+async def test_autopipeline_can_be_turned_off(redis_backend: RedisBackend) -> None:
+    config = dataclasses.replace(redis_backend.config, autopipeline=False)
+    backend = RedisBackend(config, client=redis_backend.redis)
+    assert backend._batcher is None
+    script = backend.script("tests", "probe.lua")
+    assert (await backend.run(script, [backend.key("off")], [7]))[0] == 7
+
+
+def test_pack_writes_resp_as_redis_py_does() -> None:
+    assert _pack(("EVALSHA", "ab", 1, b"k", 0.5, -3)) == (
+        b"*6\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$3\r\n0.5\r\n$2\r\n-3\r\n"
+    )
+    with pytest.raises(TypeError):
+        _pack(("EVALSHA", True))
