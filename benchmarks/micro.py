@@ -183,7 +183,10 @@ class RedisCounter:
         from redis.asyncio.client import Pipeline, Redis
         from redis.asyncio.connection import AbstractConnection
 
+        from governor.backends.batching import ScriptBatcher
+
         execute_command = Redis.execute_command
+        submit = ScriptBatcher.submit
         pipeline_execute = Pipeline.execute
         send_packed = AbstractConnection.send_packed_command
         counter = self
@@ -196,6 +199,11 @@ class RedisCounter:
             counter.commands += len(self.command_stack)
             return await pipeline_execute(self, *args, **kwargs)
 
+        def counted_submit(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # Auto-pipelined script calls bypass execute_command (see backends/batching).
+            counter.commands += 1
+            return submit(self, *args, **kwargs)
+
         async def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
             counter.round_trips += 1
             return await send_packed(self, *args, **kwargs)
@@ -203,12 +211,14 @@ class RedisCounter:
         Redis.execute_command = counted_command  # type: ignore[method-assign]
         Pipeline.execute = counted_pipeline  # type: ignore[method-assign]
         AbstractConnection.send_packed_command = counted_send  # type: ignore[method-assign]
+        ScriptBatcher.submit = counted_submit  # type: ignore[method-assign]
         try:
             yield self
         finally:
             Redis.execute_command = execute_command  # type: ignore[method-assign]
             Pipeline.execute = pipeline_execute  # type: ignore[method-assign]
             AbstractConnection.send_packed_command = send_packed  # type: ignore[method-assign]
+            ScriptBatcher.submit = submit  # type: ignore[method-assign]
 
 
 async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
@@ -257,7 +267,58 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
         out["layers"].append(row)
         if name == "full stack (wrap)":
             out.update({k: v for k, v in row.items() if k != "name"})
+    out["concurrent"] = await redis_concurrent(redis_url, requests, counter)
     return out
+
+
+async def redis_concurrent(
+    redis_url: str, requests: int, counter: RedisCounter, clients: int = 64
+) -> dict[str, Any]:
+    """The full stack on Redis with *clients* requests in flight at once: CPU µs per
+    request (this process) and the round trips auto-pipelining leaves per request."""
+    prefix = f"bench-micro-{uuid.uuid4().hex[:8]}"
+    gov = g.Governor(bench_config(redis_url, prefix))
+    body_message: Message = {"type": "http.request", "body": BODY, "more_body": False}
+    statuses: list[int] = []
+
+    async def receive() -> Message:
+        return body_message
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    app = g.wrap(upstream, gov)
+
+    async def client(n: int) -> None:
+        for _ in range(n):
+            await app(_scope(), receive, send)
+
+    each = max(1, requests // clients)
+    try:
+        await asyncio.gather(*(client(4) for _ in range(clients)))  # warm: scripts, pool
+        statuses.clear()
+        counter.commands = counter.round_trips = 0
+        with counter.patched():
+            cpu = time.process_time()
+            await asyncio.gather(*(client(each) for _ in range(clients)))
+            cpu = time.process_time() - cpu
+        client_ = gov.backend.redis
+        keys = [k async for k in client_.scan_iter(match=f"{prefix}*")]
+        for i in range(0, len(keys), 500):
+            await client_.unlink(*keys[i : i + 500])
+    finally:
+        await gov.aclose()
+    total = each * clients
+    if any(s != 200 for s in statuses):
+        raise RuntimeError(f"concurrent run refused requests: {sorted(set(statuses))}")
+    return {
+        "clients": clients,
+        "requests": total,
+        "cpu_us": cpu / total * 1e6,
+        "commands_per_request": counter.commands / total,
+        "round_trips_per_request": counter.round_trips / total,
+    }
 
 
 def report(results: list[tuple[str, float]]) -> str:
@@ -282,6 +343,13 @@ def redis_report(redis: dict[str, Any]) -> str:
             f"| {row['name']} | {row['us']:.0f} | {row['commands_per_request']:.2f} "
             f"| {row['round_trips_per_request']:.2f} | {row['admission_round_trips']:g} "
             f"(most {row.get('admission_round_trips_max', '?')}) |"
+        )
+    conc = redis.get("concurrent")
+    if conc:
+        lines.append(
+            f"| full stack, {conc['clients']} requests at once (auto-pipelined) "
+            f"| {conc['cpu_us']:.0f} CPU | {conc['commands_per_request']:.2f} "
+            f"| {conc['round_trips_per_request']:.2f} | – |"
         )
     return "\n".join(lines)
 
