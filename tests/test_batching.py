@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from governor.backends import RedisBackend
-from governor.backends.batching import ScriptBatcher, _pack
+from governor.backends.batching import ScriptBatcher, _pack, _pack_py
 from governor.errors import BackendError
 
 
@@ -90,9 +92,12 @@ async def test_autopipeline_can_be_turned_off(redis_backend: RedisBackend) -> No
     assert (await backend.run(script, [backend.key("off")], [7]))[0] == 7
 
 
-def test_pack_writes_resp_as_redis_py_does() -> None:
-    assert _pack(("EVALSHA", "ab", 1, b"k", 0.5, -3)) == (
-        b"*6\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$3\r\n0.5\r\n$2\r\n-3\r\n"
+@pytest.mark.parametrize("pack", [_pack, _pack_py], ids=["default", "python"])
+def test_pack_writes_resp_as_redis_py_does(pack: Callable[[tuple[Any, ...]], bytes]) -> None:
+    """Both packers (hiredis's when installed, and the pure-Python one) write the same RESP."""
+    assert pack(("EVALSHA", "ab", 1, b"k", 0.5, -3, "é")) == (
+        b"*7\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$3\r\n0.5\r\n"
+        b"$2\r\n-3\r\n$2\r\n\xc3\xa9\r\n"
     )
     with pytest.raises(TypeError):
-        _pack(("EVALSHA", True))
+        pack(("EVALSHA", True))

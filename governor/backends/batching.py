@@ -153,7 +153,7 @@ class ScriptBatcher:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 
 
-def _pack(args: tuple[Any, ...]) -> bytes:
+def _pack_py(args: tuple[Any, ...]) -> bytes:
     """One command in RESP, as redis-py's encoder would write it (floats by ``repr``)."""
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -167,6 +167,19 @@ def _pack(args: tuple[Any, ...]) -> bytes:
             raise TypeError(f"cannot send {type(arg).__name__} to Redis: {arg!r}")
         out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
     return b"".join(out)
+
+
+try:  # hiredis (redis-py's optional C parser) packs a command in a third of the time
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack = _pack_py
+else:
+
+    def _pack(args: tuple[Any, ...]) -> bytes:
+        if any(type(arg) is bool for arg in args):  # hiredis would send True as 1
+            raise TypeError(f"cannot send a bool to Redis: {args!r}")
+        packed: bytes = _hiredis_pack(args)
+        return packed
 
 
 def _backend_error(exc: BaseException) -> BackendError:
