@@ -81,3 +81,18 @@ async def finish(
     if on_task is not None:
         on_task(task)
     return await asyncio.shield(task)
+
+
+def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Start *coro* now, inline until it first waits, and let it run on unawaited.
+
+    None when it ended without waiting; otherwise the task it goes on in (kept alive
+    even if nobody awaits it), to await later through :func:`asyncio.shield`. Used to
+    begin a clean-up before passing a message on, so that its Redis call is sent in the
+    same loop turn (the same auto-pipelined round trip) as what the next layer does.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    return spawn(_continue(coro, yielded))

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from governor.aio import finish
+from governor.aio import finish, start
 
 
 async def test_no_task_when_nothing_waits() -> None:
@@ -92,3 +92,29 @@ async def test_exception_thrown_into_the_task_reaches_the_coroutine() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert seen == ["cancelled"]
+
+
+async def test_start_runs_inline_until_the_first_wait() -> None:
+    """start(): a coroutine that never waits is done at once (no task); one that waits
+    goes on in a task that ends even if nobody awaits it."""
+    ran: list[str] = []
+
+    async def quick() -> None:
+        ran.append("quick")
+
+    assert start(quick()) is None
+    assert ran == ["quick"]
+
+    gate = asyncio.Event()
+
+    async def slow() -> None:
+        ran.append("slow began")
+        await gate.wait()
+        ran.append("slow ended")
+
+    task = start(slow())
+    assert task is not None
+    assert ran[-1] == "slow began"  # its first step ran inline, before start() returned
+    gate.set()
+    await asyncio.shield(task)
+    assert ran[-1] == "slow ended"

@@ -101,3 +101,23 @@ def test_pack_writes_resp_as_redis_py_does(pack: Callable[[tuple[Any, ...]], byt
     )
     with pytest.raises(TypeError):
         pack(("EVALSHA", True))
+
+
+async def test_slot_release_shares_the_settlement_round_trip(redis_backend: RedisBackend) -> None:
+    """Admission gives the slot back as the upstream's last body passes, before billing
+    settles: on Redis both go in one batch (4 script calls in 3 round trips)."""
+    from governor import AdmissionMiddleware, BillingMiddleware, Governor
+    from governor.config import Config
+    from tests.apps import ok_app
+    from tests.helpers import call
+
+    batcher = batcher_of(redis_backend)
+    async with Governor(Config(demo_keys=True), backend=redis_backend) as gov:
+        app = BillingMiddleware(AdmissionMiddleware(ok_app, governor=gov), governor=gov)
+        request = {"model": "gpt-5-5", "messages": [{"role": "user", "content": "hi"}]}
+        auth = {"authorization": "Bearer ck_batch"}
+        await call(app, headers=auth, json_body=request)  # heartbeats and scripts started
+        before = (batcher.batches, batcher.calls)
+        result = await call(app, headers=auth, json_body=request)
+        assert result.status == 200
+        assert (batcher.batches - before[0], batcher.calls - before[1]) == (3, 4)

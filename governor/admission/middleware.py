@@ -27,6 +27,7 @@ from governor.admission.base import (
     estimate_retry_after,
 )
 from governor.admission.memory import MemorySlots
+from governor.aio import start
 from governor.context import RequestContext, Surface
 from governor.degraded import degraded_for
 from governor.errors import BackendError, Overloaded, RateLimited, RequestError, Shape
@@ -329,11 +330,19 @@ class AdmissionMiddleware:
             async def send_admitted(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     h.replace(message, extra)
+                elif message["type"] == "http.response.body" and not message.get("more_body"):
+                    # The upstream is done: the slot goes back now, not after whatever
+                    # the app still does (background tasks). Begun before the body is
+                    # passed on, so that on Redis the release rides in the same round
+                    # trip as billing's settlement, which an outer layer sends first.
+                    releasing = start(release())
+                    try:
+                        await send(message)
+                    finally:
+                        if releasing is not None:
+                            await asyncio.shield(releasing)
+                    return
                 await send(message)
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    # The body is completely sent: the slot goes back now, not after
-                    # whatever the app still does (background tasks).
-                    await finish()
 
             await self.app(scope, receiver.receive if receiver.used else receive, send_admitted)
         finally:
