@@ -57,10 +57,7 @@ async def test_cancel_before_the_reserve_arrives(redis_backend: RedisBackend) ->
     """A reserve call that arrives after its cancellation holds nothing."""
     ledger = RedisLedger(redis_backend)
     assert await ledger.cancel("acct", "key", "late-id") is False
-    keys = [
-        *ledger._keys("acct", "key"),
-        redis_backend.key("bill", "{acct}", "done"),
-    ]
+    keys = [*ledger._keys("acct", "key"), ledger._done_key("acct", "late-id")]
     prefix = redis_backend.key("bill", "{acct}", "key", "")
     reply = await redis_backend.run(
         ledger._reserve, keys, [1_000, 10, "late-id", "key", 60_000, -1, -1, -1, prefix]
