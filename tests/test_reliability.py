@@ -43,6 +43,15 @@ async def test_settle_is_idempotent(redis_backend: RedisBackend) -> None:
     assert await ledger.balance("acct", 1_000) == 993
 
 
+async def test_settlement_records_expire_by_themselves(redis_backend: RedisBackend) -> None:
+    """A settlement is remembered for twice the lease, then Redis forgets it (no sweep)."""
+    ledger = RedisLedger(redis_backend, lease_s=60.0)
+    reservation = await _reserve(ledger)
+    await ledger.settle(reservation, 7, NO_LIMITS)
+    ttl_ms = await redis_backend.redis.pttl(ledger._done_key("acct", reservation.id))
+    assert 110_000 < ttl_ms <= 120_000
+
+
 async def test_cancel_releases_a_reservation(redis_backend: RedisBackend) -> None:
     """Cancelling a reservation that did run releases its hold."""
     ledger = RedisLedger(redis_backend)
