@@ -65,39 +65,23 @@ local function count()
   return used
 end
 
-local function num(field)
-  return tonumber(redis.call('HGET', ST, field) or '0')
-end
-
--- The field's new value (a field that reaches zero is deleted, and reads as zero).
-local function bump(field, d)
-  local v = redis.call('HINCRBY', ST, field, d)
-  if v <= 0 then
-    redis.call('HDEL', ST, field)
-    return 0
-  end
-  return v
-end
-
 local function head_of(acct)
   return redis.call('ZRANGEBYLEX', Q, '[' .. acct .. ':', '(' .. acct .. ';', 'LIMIT', 0, 1)[1]
 end
 
--- Put acct in READY under its current head (or take it out).
--- An account neither holding nor waiting is forgotten (st stays as small as the
--- set of active accounts); it comes back as "not served lately".
-local function refresh_ready(acct)
-  local old = redis.call('HGET', ST, 'r:' .. acct)
-  if old then redis.call('ZREM', READY, old) end
-  local head = head_of(acct)
-  if head then
-    local member = string.sub(head, #acct + 2, #acct + 17) .. ':' .. acct
-    redis.call('ZADD', READY, num('l:' .. acct), member)
-    redis.call('HSET', ST, 'r:' .. acct, member)
-  elseif old then
-    redis.call('HDEL', ST, 'r:' .. acct)
-    if num('h:' .. acct) == 0 then redis.call('HDEL', ST, 'l:' .. acct) end
+-- Write st fields: a positive value is set, anything else deleted (st keeps no zeros).
+local function store(fields)
+  local sets, dels = {}, {}
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if type(v) == 'string' or v > 0 then
+      sets[#sets + 1] = fields[i]; sets[#sets + 1] = v
+    else
+      dels[#dels + 1] = fields[i]
+    end
   end
+  if #sets > 0 then redis.call('HSET', ST, unpack(sets)) end
+  if #dels > 0 then redis.call('HDEL', ST, unpack(dels)) end
 end
 
 local function add_held(acct, d)
@@ -105,33 +89,52 @@ local function add_held(acct, d)
   local h = redis.call('HINCRBY', ST, field, d)
   if d > 0 then
     if h <= 0 then redis.call('HDEL', ST, field) end
-    local n = redis.call('HINCRBY', ST, 'd', 1)
-    redis.call('HSET', ST, 'l:' .. acct, n)
-    if qn > 0 then  -- only a waiting account has a ready member
-      local member = redis.call('HGET', ST, 'r:' .. acct)
-      if member then redis.call('ZADD', READY, n, member) end
-    end
+    -- Its READY score (if it waits) follows l:<acct> in dispatch(), which takes the
+    -- waiter out of the queue after this and re-reads l:<acct> then.
+    redis.call('HSET', ST, 'l:' .. acct, redis.call('HINCRBY', ST, 'd', 1))
   elseif h > 0 then
     return
   elseif qn > 0 and redis.call('HEXISTS', ST, 'r:' .. acct) == 1 then
     redis.call('HDEL', ST, field)  -- still waiting: its last grant still counts
   else
+    -- An account neither holding nor waiting is forgotten (st stays as small as the
+    -- set of active accounts); it comes back as "not served lately".
     redis.call('HDEL', ST, field, 'l:' .. acct)
   end
 end
 
--- Remove a waiter; true if it was queued.
+-- Remove a waiter, and put its account in READY under its next head (or take it out);
+-- true if it was queued. Its account's st fields are read once and written once.
 local function unqueue(ticket)
   if qn == 0 then return false end
   local meta = redis.call('HGET', QMETA, ticket)
   if not meta then return false end
   local acct, seq, tok = string.match(meta, '^(%x+):(%d+):(%d+)$')
+  tok = tonumber(tok)
   redis.call('ZREM', Q, acct .. ':' .. seq .. ':' .. ticket)
   redis.call('ZREM', QLIVE, ticket)
   redis.call('HDEL', QMETA, ticket)
-  qn = bump('qn', -1); bump('qtok', -tonumber(tok))
-  bump('n:' .. acct, -1); bump('t:' .. acct, -tonumber(tok))
-  refresh_ready(acct)
+  local f = redis.call('HMGET', ST, 'qtok', 'n:' .. acct, 't:' .. acct, 'r:' .. acct,
+    'l:' .. acct, 'h:' .. acct)
+  qn = math.max(qn - 1, 0)
+  local left = tonumber(f[2] or '0') - 1
+  local fields = {'qn', qn, 'qtok', tonumber(f[1] or '0') - tok, 'n:' .. acct, left,
+    't:' .. acct, tonumber(f[3] or '0') - tok}
+  local old = f[4]
+  if old then redis.call('ZREM', READY, old) end
+  -- n:<acct> counts its waiters: with none left there is no head to look for.
+  local head = left > 0 and head_of(acct)
+  if head then
+    local member = string.sub(head, #acct + 2, #acct + 17) .. ':' .. acct
+    redis.call('ZADD', READY, tonumber(f[5] or '0'), member)
+    fields[#fields + 1] = 'r:' .. acct; fields[#fields + 1] = member
+  elseif old then
+    fields[#fields + 1] = 'r:' .. acct; fields[#fields + 1] = 0
+    if tonumber(f[6] or '0') == 0 then
+      fields[#fields + 1] = 'l:' .. acct; fields[#fields + 1] = 0
+    end
+  end
+  store(fields)
   return true
 end
 
@@ -174,8 +177,10 @@ local function dispatch()
     local acct = string.sub(top, 18)
     local head = head_of(acct)
     local ticket = string.sub(head, #acct + 19)
-    unqueue(ticket)
+    -- Granted first, so that unqueue() files the account under its next head with
+    -- this grant as its last.
     grant(ticket, acct, now + live_ms)
+    unqueue(ticket)
     free = free - 1
     woken[#woken + 1] = ticket
   end
@@ -211,7 +216,7 @@ if op == 'admit' then
     return {1, remaining()}
   end
   if qn > 0 and redis.call('HEXISTS', QMETA, ticket) == 1 then return {2, qn, hold_v} end
-  local q = redis.call('HMGET', ST, 'qtok', 'n:' .. acct, 't:' .. acct)
+  local q = redis.call('HMGET', ST, 'qtok', 'n:' .. acct, 't:' .. acct, 'seq', 'l:' .. acct)
   local qtok, acct_n, acct_t = tonumber(q[1] or '0'), tonumber(q[2] or '0'), tonumber(q[3] or '0')
   local reason
   if qn >= max_q then reason = 'queue_full'
@@ -220,12 +225,22 @@ if op == 'admit' then
   elseif acct_tok >= 0 and acct_t + tokens > acct_tok then reason = 'account_queue_tokens'
   end
   if reason then return {0, reason, qn, hold_v} end
-  local seq = string.format('%016d', redis.call('HINCRBY', ST, 'seq', 1))
+  local seqn = tonumber(q[4] or '0') + 1
+  local seq = string.format('%016d', seqn)
   redis.call('ZADD', Q, 0, acct .. ':' .. seq .. ':' .. ticket)
   redis.call('ZADD', QLIVE, now + live_ms, ticket)
   redis.call('HSET', QMETA, ticket, acct .. ':' .. seq .. ':' .. tokens)
-  qn = bump('qn', 1); bump('qtok', tokens); bump('n:' .. acct, 1); bump('t:' .. acct, tokens)
-  refresh_ready(acct)
+  qn = qn + 1
+  local fields = {'seq', seqn, 'qn', qn, 'qtok', qtok + tokens, 'n:' .. acct, acct_n + 1,
+    't:' .. acct, acct_t + tokens}
+  -- seq only grows, so an account's first waiter is its head and a later one is not
+  -- (its READY member stays as it is).
+  if acct_n == 0 then
+    local member = seq .. ':' .. acct
+    redis.call('ZADD', READY, tonumber(q[5] or '0'), member)
+    fields[#fields + 1] = 'r:' .. acct; fields[#fields + 1] = member
+  end
+  store(fields)
   return {2, qn, hold_v}
 end
 
