@@ -12,6 +12,9 @@ count so that no guard refuses: what is measured is the cost of admitting.
 With ``--redis-url`` the full stack also runs on the Redis backend (a unique key
 prefix, its keys deleted afterwards), and the Redis commands and round trips governor
 sends per request are counted inside redis-py (exact, whoever else uses the server).
+The server-side count (``INFO commandstats`` before and after, so the calls Lua scripts
+make count too, per command) is exact only on a Redis nobody else uses meanwhile: on a
+shared one it includes their commands.
 """
 
 from __future__ import annotations
@@ -221,6 +224,15 @@ class RedisCounter:
             ScriptBatcher.submit = submit  # type: ignore[method-assign]
 
 
+def server_calls(commandstats: dict[str, Any]) -> dict[str, int]:
+    """Calls so far per command, from ``INFO commandstats`` (script-internal calls too)."""
+    return {
+        name.removeprefix("cmdstat_"): int(v["calls"])
+        for name, v in commandstats.items()
+        if isinstance(v, dict) and "calls" in v
+    }
+
+
 async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
     """Each layer and the full stack on the Redis backend: µs/request and what each sends."""
     out: dict[str, Any] = {"requests": requests, "layers": []}
@@ -242,13 +254,15 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
         try:
             app = build(gov)
             await run_variant(app, 50)  # scripts loaded, pool filled
+            client: Any = getattr(gov.backend, "redis")  # noqa: B009 (Backend has no .redis)
+            server0 = server_calls(await client.info("commandstats"))
             starts.clear()
             entries.clear()
             with counter.patched():
                 us = await run_variant(
                     app, requests, warmup=0, before_each=lambda: starts.append(counter.round_trips)
                 )
-            client: Any = getattr(gov.backend, "redis")  # noqa: B009 (Backend has no .redis)
+            server1 = server_calls(await client.info("commandstats"))
             out["redis_version"] = str((await client.info("server")).get("redis_version", "?"))
             keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
             for i in range(0, len(keys), 500):
@@ -256,6 +270,11 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
         finally:
             await gov.aclose()
         before = [e - b for b, e in zip(starts, entries, strict=True)]
+        server = {
+            name: (calls - server0.get(name, 0)) / requests
+            for name, calls in server1.items()
+            if name != "info" and calls > server0.get(name, 0)
+        }
         row = {
             "name": name,
             "us": us,
@@ -263,6 +282,8 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
             "round_trips_per_request": counter.round_trips / requests,
             "admission_round_trips": statistics.median(before) if before else 0,
             "admission_round_trips_max": max(before, default=0),
+            "server_commands_per_request": sum(server.values()),
+            "server_commands": dict(sorted(server.items(), key=lambda kv: -kv[1])),
         }
         out["layers"].append(row)
         if name == "full stack (wrap)":
@@ -335,22 +356,32 @@ def report(results: list[tuple[str, float]]) -> str:
 def redis_report(redis: dict[str, Any]) -> str:
     lines = [
         "| variant (Redis backend) | µs / request | Redis commands / request "
-        "| round trips / request | round trips before the upstream call (median) |",
-        "|---|---:|---:|---:|---:|",
+        "| round trips / request | round trips before the upstream call (median) "
+        "| server-side commands / request |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    breakdown = []
     for row in redis["layers"]:
+        server = row.get("server_commands_per_request")
         lines.append(
             f"| {row['name']} | {row['us']:.0f} | {row['commands_per_request']:.2f} "
             f"| {row['round_trips_per_request']:.2f} | {row['admission_round_trips']:g} "
-            f"(most {row.get('admission_round_trips_max', '?')}) |"
+            f"(most {row.get('admission_round_trips_max', '?')}) "
+            f"| {'?' if server is None else f'{server:.2f}'} |"
         )
+        if row.get("server_commands"):
+            calls = ", ".join(f"{k} {v:.2f}" for k, v in row["server_commands"].items())
+            breakdown.append(f"- {row['name']}: {calls}")
     conc = redis.get("concurrent")
     if conc:
         lines.append(
             f"| full stack, {conc['clients']} requests at once (auto-pipelined) "
             f"| {conc['cpu_us']:.0f} CPU | {conc['commands_per_request']:.2f} "
-            f"| {conc['round_trips_per_request']:.2f} | – |"
+            f"| {conc['round_trips_per_request']:.2f} | – | – |"
         )
+    if breakdown:
+        note = "Server side, per request (INFO commandstats; on a shared Redis, others' too):"
+        lines += ["", note, "", *breakdown]
     return "\n".join(lines)
 
 

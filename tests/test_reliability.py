@@ -43,6 +43,15 @@ async def test_settle_is_idempotent(redis_backend: RedisBackend) -> None:
     assert await ledger.balance("acct", 1_000) == 993
 
 
+async def test_settlement_records_expire_by_themselves(redis_backend: RedisBackend) -> None:
+    """A settlement is remembered for twice the lease, then Redis forgets it (no sweep)."""
+    ledger = RedisLedger(redis_backend, lease_s=60.0)
+    reservation = await _reserve(ledger)
+    await ledger.settle(reservation, 7, NO_LIMITS)
+    ttl_ms = await redis_backend.redis.pttl(ledger._done_key("acct", reservation.id))
+    assert 110_000 < ttl_ms <= 120_000
+
+
 async def test_cancel_releases_a_reservation(redis_backend: RedisBackend) -> None:
     """Cancelling a reservation that did run releases its hold."""
     ledger = RedisLedger(redis_backend)
@@ -57,10 +66,7 @@ async def test_cancel_before_the_reserve_arrives(redis_backend: RedisBackend) ->
     """A reserve call that arrives after its cancellation holds nothing."""
     ledger = RedisLedger(redis_backend)
     assert await ledger.cancel("acct", "key", "late-id") is False
-    keys = [
-        *ledger._keys("acct", "key"),
-        redis_backend.key("bill", "{acct}", "done"),
-    ]
+    keys = [*ledger._keys("acct", "key"), ledger._done_key("acct", "late-id")]
     prefix = redis_backend.key("bill", "{acct}", "key", "")
     reply = await redis_backend.run(
         ledger._reserve, keys, [1_000, 10, "late-id", "key", 60_000, -1, -1, -1, prefix]

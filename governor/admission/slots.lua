@@ -51,77 +51,105 @@ end
 local SEM, LMETA, Q, QLIVE, QMETA, READY, ST = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local limit, chan, live_ms, ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 
-local function num(field)
-  return tonumber(redis.call('HGET', ST, field) or '0')
-end
+-- Read once and kept in step with this call's writes (scripts are atomic): the number
+-- of waiters, the mean hold time and (when first needed) the number of leases. Every
+-- waiter is in q, qlive and qmeta, and its account has a ready member, so with qn = 0
+-- those need no reading at all.
+local st = redis.call('HMGET', ST, 'qn', 'hold')
+local qn = tonumber(st[1] or '0')
+local hold_v = st[2] or ''
+local used
 
-local function bump(field, d)
-  if redis.call('HINCRBY', ST, field, d) <= 0 then redis.call('HDEL', ST, field) end
+local function count()
+  if not used then used = redis.call('ZCARD', SEM) end
+  return used
 end
 
 local function head_of(acct)
   return redis.call('ZRANGEBYLEX', Q, '[' .. acct .. ':', '(' .. acct .. ';', 'LIMIT', 0, 1)[1]
 end
 
--- An account neither holding nor waiting is forgotten (st stays as small as the
--- set of active accounts); it comes back as "not served lately".
-local function tidy(acct)
-  if num('h:' .. acct) == 0 and redis.call('HEXISTS', ST, 'r:' .. acct) == 0 then
-    redis.call('HDEL', ST, 'l:' .. acct)
+-- Write st fields: a positive value is set, anything else deleted (st keeps no zeros).
+local function store(fields)
+  local sets, dels = {}, {}
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if type(v) == 'string' or v > 0 then
+      sets[#sets + 1] = fields[i]; sets[#sets + 1] = v
+    else
+      dels[#dels + 1] = fields[i]
+    end
   end
-end
-
--- Put acct in READY under its current head (or take it out).
-local function refresh_ready(acct)
-  local old = redis.call('HGET', ST, 'r:' .. acct)
-  if old then redis.call('ZREM', READY, old) end
-  local head = head_of(acct)
-  if head then
-    local member = string.sub(head, #acct + 2, #acct + 17) .. ':' .. acct
-    redis.call('ZADD', READY, num('l:' .. acct), member)
-    redis.call('HSET', ST, 'r:' .. acct, member)
-  elseif old then
-    redis.call('HDEL', ST, 'r:' .. acct)
-    tidy(acct)
-  end
+  if #sets > 0 then redis.call('HSET', ST, unpack(sets)) end
+  if #dels > 0 then redis.call('HDEL', ST, unpack(dels)) end
 end
 
 local function add_held(acct, d)
-  bump('h:' .. acct, d)
+  local field = 'h:' .. acct
+  local h = redis.call('HINCRBY', ST, field, d)
   if d > 0 then
-    local n = redis.call('HINCRBY', ST, 'd', 1)
-    redis.call('HSET', ST, 'l:' .. acct, n)
-    local member = redis.call('HGET', ST, 'r:' .. acct)
-    if member then redis.call('ZADD', READY, n, member) end
+    if h <= 0 then redis.call('HDEL', ST, field) end
+    -- Its READY score (if it waits) follows l:<acct> in dispatch(), which takes the
+    -- waiter out of the queue after this and re-reads l:<acct> then.
+    redis.call('HSET', ST, 'l:' .. acct, redis.call('HINCRBY', ST, 'd', 1))
+  elseif h > 0 then
+    return
+  elseif qn > 0 and redis.call('HEXISTS', ST, 'r:' .. acct) == 1 then
+    redis.call('HDEL', ST, field)  -- still waiting: its last grant still counts
   else
-    tidy(acct)
+    -- An account neither holding nor waiting is forgotten (st stays as small as the
+    -- set of active accounts); it comes back as "not served lately".
+    redis.call('HDEL', ST, field, 'l:' .. acct)
   end
 end
 
--- Remove a waiter; true if it was queued.
+-- Remove a waiter, and put its account in READY under its next head (or take it out);
+-- true if it was queued. Its account's st fields are read once and written once.
 local function unqueue(ticket)
+  if qn == 0 then return false end
   local meta = redis.call('HGET', QMETA, ticket)
   if not meta then return false end
   local acct, seq, tok = string.match(meta, '^(%x+):(%d+):(%d+)$')
+  tok = tonumber(tok)
   redis.call('ZREM', Q, acct .. ':' .. seq .. ':' .. ticket)
   redis.call('ZREM', QLIVE, ticket)
   redis.call('HDEL', QMETA, ticket)
-  bump('qn', -1); bump('qtok', -tonumber(tok))
-  bump('n:' .. acct, -1); bump('t:' .. acct, -tonumber(tok))
-  refresh_ready(acct)
+  local f = redis.call('HMGET', ST, 'qtok', 'n:' .. acct, 't:' .. acct, 'r:' .. acct,
+    'l:' .. acct, 'h:' .. acct)
+  qn = math.max(qn - 1, 0)
+  local left = tonumber(f[2] or '0') - 1
+  local fields = {'qn', qn, 'qtok', tonumber(f[1] or '0') - tok, 'n:' .. acct, left,
+    't:' .. acct, tonumber(f[3] or '0') - tok}
+  local old = f[4]
+  if old then redis.call('ZREM', READY, old) end
+  -- n:<acct> counts its waiters: with none left there is no head to look for.
+  local head = left > 0 and head_of(acct)
+  if head then
+    local member = string.sub(head, #acct + 2, #acct + 17) .. ':' .. acct
+    redis.call('ZADD', READY, tonumber(f[5] or '0'), member)
+    fields[#fields + 1] = 'r:' .. acct; fields[#fields + 1] = member
+  elseif old then
+    fields[#fields + 1] = 'r:' .. acct; fields[#fields + 1] = 0
+    if tonumber(f[6] or '0') == 0 then
+      fields[#fields + 1] = 'l:' .. acct; fields[#fields + 1] = 0
+    end
+  end
+  store(fields)
   return true
 end
 
 local function drop_lease(id)
-  local acct = redis.call('HGET', LMETA, id)
   if redis.call('ZREM', SEM, id) == 0 then return false end
+  if used then used = used - 1 end
+  local acct = redis.call('HGET', LMETA, id)
   redis.call('HDEL', LMETA, id)
   if acct then add_held(acct, -1) end
   return true
 end
 
 local function grant(id, acct, deadline)
-  redis.call('ZADD', SEM, deadline, id)
+  local added = redis.call('ZADD', SEM, deadline, id)
+  if used then used = used + added end
   redis.call('HSET', LMETA, id, acct)
   add_held(acct, 1)
 end
@@ -131,6 +159,7 @@ local function sweep()
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', SEM, '-inf', now, 'LIMIT', 0, 64)) do
     drop_lease(id)
   end
+  if qn == 0 then return end
   for _, w in ipairs(redis.call('ZRANGEBYSCORE', QLIVE, '-inf', now, 'LIMIT', 0, 64)) do
     unqueue(w)
   end
@@ -139,16 +168,19 @@ end
 -- Hand every free slot to the next waiter in fair order, and tell their workers.
 -- The handed-over lease lives only live_ms until its worker claims it.
 local function dispatch()
-  local free = limit - redis.call('ZCARD', SEM)
+  if qn == 0 then return end
+  local free = limit - count()
   local woken = {}
-  while free > 0 do
+  while free > 0 and qn > 0 do
     local top = redis.call('ZRANGE', READY, 0, 0)[1]
     if not top then break end
     local acct = string.sub(top, 18)
     local head = head_of(acct)
     local ticket = string.sub(head, #acct + 19)
-    unqueue(ticket)
+    -- Granted first, so that unqueue() files the account under its next head with
+    -- this grant as its last.
     grant(ticket, acct, now + live_ms)
+    unqueue(ticket)
     free = free - 1
     woken[#woken + 1] = ticket
   end
@@ -158,11 +190,7 @@ local function dispatch()
 end
 
 local function remaining()
-  return math.max(0, limit - redis.call('ZCARD', SEM))
-end
-
-local function hold()
-  return redis.call('HGET', ST, 'hold') or ''
+  return math.max(0, limit - count())
 end
 
 sweep()
@@ -171,46 +199,65 @@ dispatch()
 if op == 'admit' then
   local ticket, acct, tokens = ARGV[6], ARGV[7], tonumber(ARGV[8])
   local max_q, max_qtok, acct_cap, acct_tok = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+  -- After dispatch() either no slot is free or nobody waits: nobody jumps the queue.
+  if qn == 0 and count() < limit then
+    -- NX: a retry of an admit that already got its slot only renews it.
+    if redis.call('ZADD', SEM, 'NX', now + ttl, ticket) == 0 then
+      redis.call('ZADD', SEM, 'XX', now + ttl, ticket)
+      return {1, remaining()}
+    end
+    used = used + 1
+    redis.call('HSET', LMETA, ticket, acct)
+    add_held(acct, 1)
+    return {1, remaining()}
+  end
   if redis.call('ZSCORE', SEM, ticket) then                       -- idempotent retry
     redis.call('ZADD', SEM, 'XX', now + ttl, ticket)
     return {1, remaining()}
   end
-  local qn = num('qn')
-  if redis.call('HEXISTS', QMETA, ticket) == 1 then return {2, qn, hold()} end
-  -- After dispatch() either no slot is free or nobody waits: nobody jumps the queue.
-  if qn == 0 and redis.call('ZCARD', SEM) < limit then
-    grant(ticket, acct, now + ttl)
-    return {1, remaining()}
-  end
+  if qn > 0 and redis.call('HEXISTS', QMETA, ticket) == 1 then return {2, qn, hold_v} end
+  local q = redis.call('HMGET', ST, 'qtok', 'n:' .. acct, 't:' .. acct, 'seq', 'l:' .. acct)
+  local qtok, acct_n, acct_t = tonumber(q[1] or '0'), tonumber(q[2] or '0'), tonumber(q[3] or '0')
   local reason
   if qn >= max_q then reason = 'queue_full'
-  elseif max_qtok >= 0 and num('qtok') + tokens > max_qtok then reason = 'queue_tokens'
-  elseif num('n:' .. acct) >= acct_cap then reason = 'account_queue_full'
-  elseif acct_tok >= 0 and num('t:' .. acct) + tokens > acct_tok then reason = 'account_queue_tokens'
+  elseif max_qtok >= 0 and qtok + tokens > max_qtok then reason = 'queue_tokens'
+  elseif acct_n >= acct_cap then reason = 'account_queue_full'
+  elseif acct_tok >= 0 and acct_t + tokens > acct_tok then reason = 'account_queue_tokens'
   end
-  if reason then return {0, reason, qn, hold()} end
-  local seq = string.format('%016d', redis.call('HINCRBY', ST, 'seq', 1))
+  if reason then return {0, reason, qn, hold_v} end
+  local seqn = tonumber(q[4] or '0') + 1
+  local seq = string.format('%016d', seqn)
   redis.call('ZADD', Q, 0, acct .. ':' .. seq .. ':' .. ticket)
   redis.call('ZADD', QLIVE, now + live_ms, ticket)
   redis.call('HSET', QMETA, ticket, acct .. ':' .. seq .. ':' .. tokens)
-  bump('qn', 1); bump('qtok', tokens); bump('n:' .. acct, 1); bump('t:' .. acct, tokens)
-  refresh_ready(acct)
-  return {2, qn + 1, hold()}
+  qn = qn + 1
+  local fields = {'seq', seqn, 'qn', qn, 'qtok', qtok + tokens, 'n:' .. acct, acct_n + 1,
+    't:' .. acct, acct_t + tokens}
+  -- seq only grows, so an account's first waiter is its head and a later one is not
+  -- (its READY member stays as it is).
+  if acct_n == 0 then
+    local member = seq .. ':' .. acct
+    redis.call('ZADD', READY, tonumber(q[5] or '0'), member)
+    fields[#fields + 1] = 'r:' .. acct; fields[#fields + 1] = member
+  end
+  store(fields)
+  return {2, qn, hold_v}
 end
 
 if op == 'poll' then
   -- For each ticket: 1 granted (claimed: renewed to the full TTL), 2 still waiting
   -- (liveness refreshed), 0 gone (its place lapsed); then the value (free slots or
   -- waiters). The pool's mean hold time comes first.
-  local out = {hold()}
+  local out = {hold_v}
   for i = 6, #ARGV do
     local id = ARGV[i]
-    if redis.call('ZSCORE', SEM, id) then
-      redis.call('ZADD', SEM, 'XX', now + ttl, id)
+    -- XX CH: 1 if it was there (renewed); 0 also if renewed to the same deadline.
+    if redis.call('ZADD', SEM, 'XX', 'CH', now + ttl, id) == 1
+        or redis.call('ZSCORE', SEM, id) then
       out[#out + 1] = 1; out[#out + 1] = remaining()
-    elseif redis.call('HEXISTS', QMETA, id) == 1 then
-      redis.call('ZADD', QLIVE, 'XX', now + live_ms, id)
-      out[#out + 1] = 2; out[#out + 1] = num('qn')
+    elseif qn > 0 and (redis.call('ZADD', QLIVE, 'XX', 'CH', now + live_ms, id) == 1
+        or redis.call('ZSCORE', QLIVE, id)) then
+      out[#out + 1] = 2; out[#out + 1] = qn
     else
       out[#out + 1] = 0; out[#out + 1] = 0
     end
@@ -235,7 +282,7 @@ if op == 'release' then
   local removed = drop_lease(id)
   unqueue(id)
   if removed and held_ms >= 0 then
-    local old = tonumber(redis.call('HGET', ST, 'hold') or '-1')
+    local old = tonumber(hold_v) or -1
     local mean = held_ms
     if old >= 0 then mean = old * 0.9 + held_ms * 0.1 end
     redis.call('HSET', ST, 'hold', string.format('%.1f', mean))
@@ -245,7 +292,7 @@ if op == 'release' then
 end
 
 if op == 'stats' then
-  return {redis.call('ZCARD', SEM), num('qn')}
+  return {count(), qn}
 end
 
 return redis.error_reply('slots.lua: unknown op ' .. tostring(op))

@@ -2,10 +2,8 @@
 -- slow): release its hold if the call did run, and remember the id as settled so that
 -- a copy of the call still on its way holds nothing (reserve.lua checks KEYS[4]).
 -- KEYS: 1 account hash, 2 key hash (unused: the member names the key), 3 reservations
--- zset, 4 settled ids hash, 5 settled ids expiry zset.
+-- zset, 4 the reservation's settlement record (see settle.lua).
 -- ARGV: 1 reservation id, 2 how long to remember it (ms), 3 prefix of key hashes.
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local released = 0
 local lead = ARGV[1] .. '|'
 for _, m in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
@@ -24,8 +22,6 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
     released = 1
   end
 end
-if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then
-  redis.call('HSET', KEYS[4], ARGV[1], '0|0|0')
-  redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[2]), ARGV[1])
-end
+-- NX: a settlement already made keeps its record.
+redis.call('SET', KEYS[4], '0|0|0', 'PX', ARGV[2], 'NX')
 return released

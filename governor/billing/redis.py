@@ -7,12 +7,13 @@ script touches one cluster slot)::
     <prefix>:bill:{<account>}:key:<key_id>  hash  life, h_id, h, d_id, d
     <prefix>:bill:{<account>}:res           zset  "<id>|<key_id>|<amount>|<hour>|<day>"
                                                   scored by lease expiry (ms)
-    <prefix>:bill:{<account>}:done          hash  <id> -> "charge|before|after" (settled)
-    <prefix>:bill:{<account>}:done_at       zset  <id> scored by when to forget it (ms)
+    <prefix>:bill:{<account>}:done:<id>     string "charge|before|after" (settled)
 
-``done`` makes a settlement idempotent: one retried after its reply was lost (Redis cut
-mid-call) returns the first result instead of charging twice. Ids are remembered for
-twice the lease, the longest a retry runs.
+``done:<id>`` makes a settlement idempotent: one retried after its reply was lost (Redis
+cut mid-call) returns the first result instead of charging twice. It expires (PX) twice
+the lease after the settlement, the longest a retry runs, so no script sweeps old ids.
+(Releases before this one kept ids in a ``done`` hash and a ``done_at`` zset, which
+nothing reads any more.)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class RedisLedger:
     def __init__(self, backend: RedisBackend, *, lease_s: float = 3_600.0) -> None:
         self._backend = backend
         self._lease_ms = int(lease_s * 1000)
+        self._remember_ms = max(1, 2 * self._lease_ms)  # a PX argument is at least 1
         self._reserve = backend.script(__package__, "reserve.lua")
         self._settle = backend.script(__package__, "settle.lua")
         self._cancel = backend.script(__package__, "cancel.lua")
@@ -64,13 +66,16 @@ class RedisLedger:
             b.key("bill", tag, "res"),
         ]
 
+    def _done_key(self, account: str, reservation_id: str) -> str:
+        return self._backend.key("bill", _tag(account), "done", reservation_id)
+
     async def reserve(
         self, account: str, key_id: str, opening: int, amount: int, limits: Limits
     ) -> Reservation | Refusal:
         rid = uuid.uuid4().hex[:16]
         keys = self._keys(account, key_id)
         key_prefix = self._backend.key("bill", _tag(account), "key", "")
-        keys.append(self._backend.key("bill", _tag(account), "done"))
+        keys.append(self._done_key(account, rid))
         try:
             reply = await self._backend.run(
                 self._reserve,
@@ -100,12 +105,7 @@ class RedisLedger:
     async def settle(self, reservation: Reservation, actual: int, limits: Limits) -> Settlement:
         r = reservation
         member = f"{r.id}|{r.key_id}|{r.amount}|{r.hour}|{r.day}"
-        tag = _tag(r.account)
-        keys = [
-            *self._keys(r.account, r.key_id),
-            self._backend.key("bill", tag, "done"),
-            self._backend.key("bill", tag, "done_at"),
-        ]
+        keys = [*self._keys(r.account, r.key_id), self._done_key(r.account, r.id)]
         charged, before, after = await self._backend.run(
             self._settle,
             keys,
@@ -119,7 +119,7 @@ class RedisLedger:
                 _limit(limits.hourly_budget),
                 _limit(limits.daily_budget),
                 r.id,
-                2 * self._lease_ms,
+                self._remember_ms,
             ],
         )
         return Settlement(int(charged), int(before), int(after))
@@ -131,12 +131,8 @@ class RedisLedger:
         b = self._backend
         released = await b.run(
             self._cancel,
-            [
-                *self._keys(account, key_id),
-                b.key("bill", tag, "done"),
-                b.key("bill", tag, "done_at"),
-            ],
-            [reservation_id, 2 * self._lease_ms, b.key("bill", tag, "key", "")],
+            [*self._keys(account, key_id), self._done_key(account, reservation_id)],
+            [reservation_id, self._remember_ms, b.key("bill", tag, "key", "")],
         )
         return bool(int(released))
 

@@ -4,8 +4,8 @@
 -- ARGV: 1 opening balance, 2 amount, 3 reservation id, 4 key id, 5 lease ms,
 --       6 spending limit, 7 hourly budget, 8 daily budget (-1: none),
 --       9 prefix of this account's key hashes (to release reaped reservations).
--- KEYS[4] settled/cancelled reservation ids (see settle.lua): a reservation cancelled
--- before this call ran (its reply was given up on) holds nothing.
+-- KEYS[4] this reservation's settlement record (see settle.lua): a reservation
+-- cancelled before this call ran (its reply was given up on) holds nothing.
 -- Windows are UTC calendar hours/days on the Redis server's TIME (one clock for all).
 local t = redis.call('TIME')
 local now = tonumber(t[1])
@@ -33,12 +33,16 @@ for _, m in ipairs(expired) do
   redis.call('ZREM', KEYS[3], m)
 end
 
-if redis.call('HEXISTS', KEYS[4], ARGV[3]) == 1 then
+if redis.call('EXISTS', KEYS[4]) == 1 then
   return {0, 'cancelled', 0, -1, hour, day}
 end
 
-redis.call('HSETNX', KEYS[1], 'balance', ARGV[1])
 local acct = redis.call('HMGET', KEYS[1], 'balance', 'held')
+if not acct[1] then
+  -- First use: the opening balance is the account's from now on (even if refused).
+  redis.call('HSET', KEYS[1], 'balance', ARGV[1])
+  acct[1] = ARGV[1]
+end
 local balance = tonumber(acct[1])
 local held = tonumber(acct[2] or 0) or 0
 local amount = tonumber(ARGV[2])
