@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from governor import headers as h
@@ -33,9 +33,13 @@ from governor.errors import (
 from governor.keys import KeyResolver, key_id
 from governor.response import ResponseObserver
 from governor.tokens import estimate_input_tokens
-from governor.types import RawHeaders, Receive, Scope
+from governor.types import Message, RawHeaders, Receive, Scope
 
 SCOPE_KEY = "governor.context"
+
+# A layer's response headers: fixed at admission, or made when the response starts
+# (from its start message, and whatever the request context says by then).
+HeaderSource = RawHeaders | Callable[[Message], RawHeaders]
 
 MAX_IMAGES = 10
 
@@ -125,6 +129,9 @@ class RequestContext:
     disconnected: bool = False
     # Per-capability annotations (queue wait, credits, insurance), read by usage logs.
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Response headers of the layers that admitted the request, outermost first (see
+    # add_headers).
+    header_sources: list[HeaderSource] = dataclasses.field(default_factory=list)
 
     @property
     def shape(self) -> Shape:
@@ -140,6 +147,18 @@ class RequestContext:
         if self.model is not None:
             cap = min(cap, self.model.max_output_tokens)
         return cap
+
+    def add_headers(self, source: HeaderSource) -> None:
+        """Put *source*'s headers on this request's response start, replacing any of
+        the same names the response already has.
+
+        The send wrapper of whichever governor middleware parsed the request (the
+        outermost) adds them, once for every layer, so a layer needs no send wrapper
+        of its own for its headers. A callable is called when the response starts, so
+        it sees what happened further in (a refusal). A layer adds its headers when it
+        admits the request, before it calls the app.
+        """
+        self.header_sources.append(source)
 
     def __repr__(self) -> str:
         # Never the body or headers: they carry the raw key and user content.

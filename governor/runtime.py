@@ -24,11 +24,20 @@ from governor.degraded import stamp as stamp_degraded
 from governor.errors import RequestError, send_error
 from governor.keys import ConfigKeyResolver, KeyResolver
 from governor.metrics import Metrics
-from governor.types import ASGIApp, Message, Receive, Scope, Send
+from governor.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 
 _T = TypeVar("_T")
 _GOVERNOR_ACTIVE = h.header(h.GOVERNOR, "active")
 _REQUEST_ID = h.wire(h.REQUEST_ID)
+
+
+def _layer_headers(sources: list[c.HeaderSource], message: Message) -> RawHeaders:
+    """Every layer's own headers (:meth:`~governor.context.RequestContext.add_headers`),
+    innermost layer's first: the order its own send wrapper would have added them in."""
+    extra: RawHeaders = []
+    for source in reversed(sources):
+        extra += source(message) if callable(source) else source
+    return extra
 
 
 class Governor:
@@ -181,10 +190,12 @@ class Governor:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return None
-        entered = await self.enter(scope, receive, send)
-        if entered is None:
-            return None
-        ctx, receive, send = entered
+        ctx = scope.get(c.SCOPE_KEY)
+        if ctx is None:  # the first layer to see the request: parse it
+            entered = await self.enter(scope, receive, send)
+            if entered is None:
+                return None
+            ctx, receive, send = entered
         if ctx is None or ctx.model is None or ctx.surface in skip:
             await app(scope, receive, send)
             return None
@@ -216,8 +227,13 @@ class Governor:
         async def observed(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                # Appended, not replaced: the forwarder drops the upstream's X-Hypereal-*.
-                message["headers"] = [*message.get("headers", ()), request_id, _GOVERNOR_ACTIVE]
+                # Ours are appended, not replaced: the forwarder drops the upstream's
+                # X-Hypereal-*. The layers' replace theirs, all in one pass.
+                if ctx.header_sources:
+                    h.replace(message, _layer_headers(ctx.header_sources, message))
+                    message["headers"] += (request_id, _GOVERNOR_ACTIVE)  # a new list
+                else:
+                    message["headers"] = [*message.get("headers", ()), request_id, _GOVERNOR_ACTIVE]
                 if ctx.notes.get(DEGRADED_NOTE):
                     stamp_degraded(ctx, message)  # guards that ran on their fail mode
                 observer.on_start(message, clock.monotonic())
