@@ -85,7 +85,8 @@ def normalise_path(path: str) -> str:
 
     Servers hand ``scope["path"]`` over percent-decoded already.
     """
-    path = _SLASHES.sub("/", path)
+    if "//" in path:  # rare: most paths need no regex
+        path = _SLASHES.sub("/", path)
     return path.rstrip("/") or "/"
 
 

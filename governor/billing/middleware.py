@@ -58,7 +58,8 @@ from governor.usage import Usage
 _T = TypeVar("_T")
 _UNBILLED = frozenset({Surface.COUNT_TOKENS, Surface.MODELS})
 # json.dumps(..., separators=...) builds an encoder per call: this one is built once.
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
+# What it encodes is governor's own small dicts, never cyclic: no circular check.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def ledger_for(governor: Governor) -> Ledger:
