@@ -8,7 +8,7 @@ alone. :meth:`Governor.enter` is the single entry every middleware calls first.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
@@ -178,7 +178,7 @@ class Governor:
         receive: Receive,
         send: Send,
         *,
-        skip: frozenset[c.Surface] = frozenset(),
+        skip: Collection[c.Surface] = (),
     ) -> tuple[c.RequestContext, Receive, Send] | None:
         """:meth:`enter` for a middleware that governs model calls.
 

@@ -47,7 +47,7 @@ _REMAINING = h.wire(h.CONCURRENCY_REMAINING)
 _WAIT_MS = h.wire(h.QUEUE_WAIT_MS)
 _DEGRADED = h.header(h.DEGRADED, "admission")
 # count_tokens is answered without generating: it takes no model slot.
-_SKIP = frozenset({Surface.COUNT_TOKENS})
+_SKIP = (Surface.COUNT_TOKENS,)  # a tuple: `in` compares identity, no Enum hash
 
 
 class ModelBusy(RateLimited):

@@ -56,7 +56,7 @@ from governor.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from governor.usage import Usage
 
 _T = TypeVar("_T")
-_UNBILLED = frozenset({Surface.COUNT_TOKENS, Surface.MODELS})
+_UNBILLED = (Surface.COUNT_TOKENS, Surface.MODELS)  # a tuple: no Enum hash per request
 # json.dumps(..., separators=...) builds an encoder per call: this one is built once.
 # What it encodes is governor's own small dicts, never cyclic: no circular check.
 _COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False)

@@ -21,7 +21,7 @@ from governor.usage_log.sinks import UsageSink, sink_for
 
 log = logging.getLogger("governor.usage")
 # count_tokens generates nothing and costs nothing: no usage record.
-_SKIP = frozenset({Surface.COUNT_TOKENS})
+_SKIP = (Surface.COUNT_TOKENS,)  # a tuple: `in` compares identity, no Enum hash
 
 
 class UsageLogMiddleware:
