@@ -38,8 +38,10 @@ from governor.types import Message, RawHeaders, Receive, Scope
 SCOPE_KEY = "governor.context"
 
 # A layer's response headers: fixed at admission, or made when the response starts
-# (from its start message, and whatever the request context says by then).
-HeaderSource = RawHeaders | Callable[[Message], RawHeaders]
+# (from the request context as it stands then, and the start message). A callable is
+# handed the context rather than holding it: the context holds the callable, and a
+# reference cycle per request would leave every request to the garbage collector.
+HeaderSource = RawHeaders | Callable[["RequestContext", Message], RawHeaders]
 
 MAX_IMAGES = 10
 

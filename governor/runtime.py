@@ -31,12 +31,12 @@ _GOVERNOR_ACTIVE = h.header(h.GOVERNOR, "active")
 _REQUEST_ID = h.wire(h.REQUEST_ID)
 
 
-def _layer_headers(sources: list[c.HeaderSource], message: Message) -> RawHeaders:
+def _layer_headers(ctx: c.RequestContext, message: Message) -> RawHeaders:
     """Every layer's own headers (:meth:`~governor.context.RequestContext.add_headers`),
     innermost layer's first: the order its own send wrapper would have added them in."""
     extra: RawHeaders = []
-    for source in reversed(sources):
-        extra += source(message) if callable(source) else source
+    for source in reversed(ctx.header_sources):
+        extra += source(ctx, message) if callable(source) else source
     return extra
 
 
@@ -230,7 +230,7 @@ class Governor:
                 # Ours are appended, not replaced: the forwarder drops the upstream's
                 # X-Hypereal-*. The layers' replace theirs, all in one pass.
                 if ctx.header_sources:
-                    h.replace(message, _layer_headers(ctx.header_sources, message))
+                    h.replace(message, _layer_headers(ctx, message))
                     message["headers"] += (request_id, _GOVERNOR_ACTIVE)  # a new list
                 else:
                     message["headers"] = [*message.get("headers", ()), request_id, _GOVERNOR_ACTIVE]

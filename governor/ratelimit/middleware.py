@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from math import floor
@@ -290,11 +291,7 @@ class RateGuardMiddleware:
         if request.reserved_tokens:
             counters.reserved.inc(request.reserved_tokens)
 
-        def headers(message: Message) -> RawHeaders:
-            # At the response start: a refusal further in by then reports hits given back.
-            return self._headers(ctx, request, decision, ctx.refusal is not None, degraded)
-
-        ctx.add_headers(headers)
+        ctx.add_headers(functools.partial(self._start_headers, request, decision, degraded))
         error: BaseException | None = None
         try:
             await self.app(scope, receive, send)
@@ -304,6 +301,18 @@ class RateGuardMiddleware:
         finally:
             # Shielded: a cancelled request still gives back or settles what it took.
             await finish(self._settle(ctx, request, decision, store, error))
+
+    def _start_headers(
+        self,
+        request: Plan,
+        decision: Decision,
+        degraded: bool,
+        ctx: RequestContext,
+        message: Message,
+    ) -> RawHeaders:
+        # Made at the response start: a refusal further in by then reports its hits
+        # given back.
+        return self._headers(ctx, request, decision, ctx.refusal is not None, degraded)
 
     async def _settle(
         self,
