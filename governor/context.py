@@ -259,7 +259,7 @@ def parse_body(body: bytes) -> Mapping[str, Any]:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.", code="invalid_encoding") from None
-    if not text.strip():
+    if not text or text.isspace():  # not text.strip(): that copies the whole body
         raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
         payload = json.loads(text)
@@ -364,12 +364,19 @@ def new_context(
     )
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, headers: Mapping[bytes, bytes] | None = None
+) -> bytes | None:
     """Read the whole request body, refusing more than *limit* bytes (413).
 
-    Returns None if the client disconnected while sending it.
+    *headers* is the request's :attr:`RequestContext.header_map`, if made already (else
+    the scope's headers are scanned). Returns None if the client disconnected while
+    sending it.
     """
-    declared = h.get(scope.get("headers", ()), b"content-length")
+    if headers is not None:
+        declared = headers.get(b"content-length")
+    else:
+        declared = h.get(scope.get("headers", ()), b"content-length")
     if declared is not None:
         try:
             if int(declared) > limit:

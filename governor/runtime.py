@@ -159,7 +159,7 @@ class Governor:
                 arrived_wall=self.clock.time(),
             )
             if route[1] == "POST":
-                body = await c.read_body(scope, receive, self.config.max_body_bytes)
+                body = await c.read_body(scope, receive, self.config.max_body_bytes, ctx.header_map)
                 if body is None:  # the client left while sending the body
                     return None
                 ctx.body = body
