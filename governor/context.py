@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from governor import headers as h
@@ -33,9 +33,15 @@ from governor.errors import (
 from governor.keys import KeyResolver, key_id
 from governor.response import ResponseObserver
 from governor.tokens import estimate_input_tokens
-from governor.types import RawHeaders, Receive, Scope
+from governor.types import Message, RawHeaders, Receive, Scope
 
 SCOPE_KEY = "governor.context"
+
+# A layer's response headers: fixed at admission, or made when the response starts
+# (from the request context as it stands then, and the start message). A callable is
+# handed the context rather than holding it: the context holds the callable, and a
+# reference cycle per request would leave every request to the garbage collector.
+HeaderSource = RawHeaders | Callable[["RequestContext", Message], RawHeaders]
 
 MAX_IMAGES = 10
 
@@ -81,7 +87,8 @@ def normalise_path(path: str) -> str:
 
     Servers hand ``scope["path"]`` over percent-decoded already.
     """
-    path = _SLASHES.sub("/", path)
+    if "//" in path:  # rare: most paths need no regex
+        path = _SLASHES.sub("/", path)
     return path.rstrip("/") or "/"
 
 
@@ -125,6 +132,9 @@ class RequestContext:
     disconnected: bool = False
     # Per-capability annotations (queue wait, credits, insurance), read by usage logs.
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Response headers of the layers that admitted the request, outermost first (see
+    # add_headers).
+    header_sources: list[HeaderSource] = dataclasses.field(default_factory=list)
 
     @property
     def shape(self) -> Shape:
@@ -140,6 +150,18 @@ class RequestContext:
         if self.model is not None:
             cap = min(cap, self.model.max_output_tokens)
         return cap
+
+    def add_headers(self, source: HeaderSource) -> None:
+        """Put *source*'s headers on this request's response start, replacing any of
+        the same names the response already has.
+
+        The send wrapper of whichever governor middleware parsed the request (the
+        outermost) adds them, once for every layer, so a layer needs no send wrapper
+        of its own for its headers. A callable is called when the response starts, so
+        it sees what happened further in (a refusal). A layer adds its headers when it
+        admits the request, before it calls the app.
+        """
+        self.header_sources.append(source)
 
     def __repr__(self) -> str:
         # Never the body or headers: they carry the raw key and user content.
@@ -237,7 +259,7 @@ def parse_body(body: bytes) -> Mapping[str, Any]:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.", code="invalid_encoding") from None
-    if not text.strip():
+    if not text or text.isspace():  # not text.strip(): that copies the whole body
         raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
         payload = json.loads(text)
@@ -342,12 +364,19 @@ def new_context(
     )
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, headers: Mapping[bytes, bytes] | None = None
+) -> bytes | None:
     """Read the whole request body, refusing more than *limit* bytes (413).
 
-    Returns None if the client disconnected while sending it.
+    *headers* is the request's :attr:`RequestContext.header_map`, if made already (else
+    the scope's headers are scanned). Returns None if the client disconnected while
+    sending it.
     """
-    declared = h.get(scope.get("headers", ()), b"content-length")
+    if headers is not None:
+        declared = headers.get(b"content-length")
+    else:
+        declared = h.get(scope.get("headers", ()), b"content-length")
     if declared is not None:
         try:
             if int(declared) > limit:

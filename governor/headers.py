@@ -97,6 +97,8 @@ def replace(message: Message, extra: RawHeaders) -> None:
     names = {k for k, _ in extra}
     headers = message.get("headers", ())
     # Most responses carry none of these names: then a plain append does.
-    if any(k.lower() in names for k, _ in headers):
-        headers = [(k, v) for k, v in headers if k.lower() not in names]
+    for k, _ in headers:
+        if k.lower() in names:
+            headers = [(k, v) for k, v in headers if k.lower() not in names]
+            break
     message["headers"] = [*headers, *extra]

@@ -14,6 +14,7 @@ from typing import Protocol
 from governor.config import Config, KeyEntry, KeyPolicy
 
 DEMO_PREFIX = "ck_"
+_MAX_DEMO_POLICIES = 4096
 
 
 @functools.lru_cache(maxsize=4096)
@@ -68,6 +69,7 @@ class ConfigKeyResolver:
             for name, entry in keys.items()
         }
         self._demo = demo
+        self._demo_policies: dict[str, KeyPolicy] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> ConfigKeyResolver:
@@ -78,5 +80,13 @@ class ConfigKeyResolver:
         if policy is not None:
             return policy
         if self._demo and api_key.startswith(DEMO_PREFIX) and len(api_key) > len(DEMO_PREFIX):
-            return KeyPolicy(account="demo-" + key_id(api_key)[4:], name="demo")
+            # One policy per demo key, made once (a policy is immutable).
+            policy = self._demo_policies.get(api_key)
+            if policy is None:
+                if len(self._demo_policies) >= _MAX_DEMO_POLICIES:
+                    self._demo_policies.clear()
+                policy = self._demo_policies[api_key] = KeyPolicy(
+                    account="demo-" + key_id(api_key)[4:], name="demo"
+                )
+            return policy
         return None

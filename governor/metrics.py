@@ -42,6 +42,17 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._families: dict[str, MetricWrapperBase] = {}
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def child(self, family: _M, *labels: str) -> _M:
+        """``family.labels(*labels)``, bound once: ``labels()`` costs several times an
+        ``inc()``, and per-request paths would pay it on every request. (The registry
+        keeps every child anyway, so caching them holds nothing more.)"""
+        key = (family, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*labels)
+        return found  # type: ignore[return-value]
 
     def _get(self, cls: type[_M], name: str, make: Callable[[], MetricWrapperBase]) -> _M:
         family = self._families.get(name)

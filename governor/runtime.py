@@ -8,7 +8,7 @@ alone. :meth:`Governor.enter` is the single entry every middleware calls first.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
@@ -24,11 +24,20 @@ from governor.degraded import stamp as stamp_degraded
 from governor.errors import RequestError, send_error
 from governor.keys import ConfigKeyResolver, KeyResolver
 from governor.metrics import Metrics
-from governor.types import ASGIApp, Message, Receive, Scope, Send
+from governor.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 
 _T = TypeVar("_T")
 _GOVERNOR_ACTIVE = h.header(h.GOVERNOR, "active")
 _REQUEST_ID = h.wire(h.REQUEST_ID)
+
+
+def _layer_headers(ctx: c.RequestContext, message: Message) -> RawHeaders:
+    """Every layer's own headers (:meth:`~governor.context.RequestContext.add_headers`),
+    innermost layer's first: the order its own send wrapper would have added them in."""
+    extra: RawHeaders = []
+    for source in reversed(ctx.header_sources):
+        extra += source(ctx, message) if callable(source) else source
+    return extra
 
 
 class Governor:
@@ -150,7 +159,7 @@ class Governor:
                 arrived_wall=self.clock.time(),
             )
             if route[1] == "POST":
-                body = await c.read_body(scope, receive, self.config.max_body_bytes)
+                body = await c.read_body(scope, receive, self.config.max_body_bytes, ctx.header_map)
                 if body is None:  # the client left while sending the body
                     return None
                 ctx.body = body
@@ -169,7 +178,7 @@ class Governor:
         receive: Receive,
         send: Send,
         *,
-        skip: frozenset[c.Surface] = frozenset(),
+        skip: Collection[c.Surface] = (),
     ) -> tuple[c.RequestContext, Receive, Send] | None:
         """:meth:`enter` for a middleware that governs model calls.
 
@@ -181,10 +190,12 @@ class Governor:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return None
-        entered = await self.enter(scope, receive, send)
-        if entered is None:
-            return None
-        ctx, receive, send = entered
+        ctx = scope.get(c.SCOPE_KEY)
+        if ctx is None:  # the first layer to see the request: parse it
+            entered = await self.enter(scope, receive, send)
+            if entered is None:
+                return None
+            ctx, receive, send = entered
         if ctx is None or ctx.model is None or ctx.surface in skip:
             await app(scope, receive, send)
             return None
@@ -216,8 +227,13 @@ class Governor:
         async def observed(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                # Appended, not replaced: the forwarder drops the upstream's X-Hypereal-*.
-                message["headers"] = [*message.get("headers", ()), request_id, _GOVERNOR_ACTIVE]
+                # Ours are appended, not replaced: the forwarder drops the upstream's
+                # X-Hypereal-*. The layers' replace theirs, all in one pass.
+                if ctx.header_sources:
+                    h.replace(message, _layer_headers(ctx, message))
+                    message["headers"] += (request_id, _GOVERNOR_ACTIVE)  # a new list
+                else:
+                    message["headers"] = [*message.get("headers", ()), request_id, _GOVERNOR_ACTIVE]
                 if ctx.notes.get(DEGRADED_NOTE):
                     stamp_degraded(ctx, message)  # guards that ran on their fail mode
                 observer.on_start(message, clock.monotonic())

@@ -47,7 +47,7 @@ _REMAINING = h.wire(h.CONCURRENCY_REMAINING)
 _WAIT_MS = h.wire(h.QUEUE_WAIT_MS)
 _DEGRADED = h.header(h.DEGRADED, "admission")
 # count_tokens is answered without generating: it takes no model slot.
-_SKIP = frozenset({Surface.COUNT_TOKENS})
+_SKIP = (Surface.COUNT_TOKENS,)  # a tuple: `in` compares identity, no Enum hash
 
 
 class ModelBusy(RateLimited):
@@ -327,10 +327,10 @@ class AdmissionMiddleware:
                 ctx.notes["degraded"] = True
                 extra.append(_DEGRADED)
 
+            ctx.add_headers(extra)
+
             async def send_admitted(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    h.replace(message, extra)
-                elif message["type"] == "http.response.body" and not message.get("more_body"):
+                if message["type"] == "http.response.body" and not message.get("more_body"):
                     # The upstream is done: the slot goes back now, not after whatever
                     # the app still does (background tasks). Begun before the body is
                     # passed on, so that on Redis the release rides in the same round

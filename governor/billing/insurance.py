@@ -27,6 +27,15 @@ PENDING = "pending"
 NOT_TRIGGERED = "not_triggered"
 NOT_ELIGIBLE = "not_eligible"
 
+# Header names in their wire form, made once (every billed response carries them).
+_STATUS = h.wire(h.INSURANCE_STATUS)
+_TRIGGER = h.wire(h.INSURANCE_TRIGGER)
+_LATENCY_MS = h.wire(h.INSURANCE_LATENCY_MS)
+_THRESHOLD_MS = h.wire(h.INSURANCE_THRESHOLD_MS)
+_CREDITS = h.wire(h.INSURANCE_CREDITS)
+_PENDING = h.header(h.INSURANCE_STATUS, PENDING)
+_LATENCY_TRIGGER = h.header(h.INSURANCE_TRIGGER, "latency")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Insurance:
@@ -53,21 +62,17 @@ class Insurance:
 
     def headers(self) -> RawHeaders:
         return [
-            h.header(h.INSURANCE_STATUS, self.status),
-            h.header(h.INSURANCE_TRIGGER, self.trigger),
-            h.header(h.INSURANCE_LATENCY_MS, self.latency_ms),
-            h.header(h.INSURANCE_THRESHOLD_MS, self.threshold_ms),
-            h.header(h.INSURANCE_CREDITS, self.credits_compensated),
+            (_STATUS, self.status.encode("latin-1")),
+            (_TRIGGER, self.trigger.encode("latin-1")),
+            (_LATENCY_MS, b"%d" % self.latency_ms),
+            (_THRESHOLD_MS, b"%d" % self.threshold_ms),
+            (_CREDITS, b"%d" % self.credits_compensated),
         ]
 
 
 def pending_headers(threshold_ms: int) -> RawHeaders:
     """The policy headers a stream carries before it settles."""
-    return [
-        h.header(h.INSURANCE_STATUS, PENDING),
-        h.header(h.INSURANCE_TRIGGER, "latency"),
-        h.header(h.INSURANCE_THRESHOLD_MS, threshold_ms),
-    ]
+    return [_PENDING, _LATENCY_TRIGGER, (_THRESHOLD_MS, b"%d" % threshold_ms)]
 
 
 def compensation(charged: int, ratio: float) -> int:

@@ -58,7 +58,9 @@ class MemoryLedger:
     ) -> Reservation | Refusal:
         now = self._clock.time()
         hour, day = window_ids(now)
-        acct = self._accounts.setdefault(account, _Account(opening))
+        acct = self._accounts.get(account)
+        if acct is None:
+            acct = self._accounts[account] = _Account(opening)
         key = self._key(account, key_id)
         if key.hour_id != hour:
             key.hour_id, key.hour = hour, 0

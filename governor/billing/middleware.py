@@ -56,8 +56,10 @@ from governor.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from governor.usage import Usage
 
 _T = TypeVar("_T")
-_UNBILLED = frozenset({Surface.COUNT_TOKENS, Surface.MODELS})
-# Strong references to settlements running on after their request was cancelled.
+_UNBILLED = (Surface.COUNT_TOKENS, Surface.MODELS)  # a tuple: no Enum hash per request
+# json.dumps(..., separators=...) builds an encoder per call: this one is built once.
+# What it encodes is governor's own small dicts, never cyclic: no circular check.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def ledger_for(governor: Governor) -> Ledger:
@@ -470,7 +472,7 @@ class _Billed:
         charged = settlement.charged
         ctx.notes["credits_charged"] = charged
         if charged:
-            mw.m_charged.labels(self.model.id).inc(charged)
+            mw.governor.metrics.child(mw.m_charged, self.model.id).inc(charged)
         if success:
             ctx.notes["hypereal_billing"] = {
                 "model": self.model.id,
@@ -505,8 +507,9 @@ class _Billed:
                     0,
                 )
             else:
-                mw.m_compensated.labels(self.model.id).inc(result.credits_compensated)
-                mw.m_payouts.labels(self.model.id).inc()
+                metrics = mw.governor.metrics
+                metrics.child(mw.m_compensated, self.model.id).inc(result.credits_compensated)
+                metrics.child(mw.m_payouts, self.model.id).inc()
         ctx.notes["insurance"] = result
         ctx.notes["insurance_status"] = result.status
         ctx.notes["credits_compensated"] = result.credits_compensated
@@ -531,7 +534,7 @@ def splice_hypereal(body: bytes, extra: dict[str, Any], payload: Any = ...) -> b
         existing = payload["hypereal"]
         payload["hypereal"] = {**(existing if isinstance(existing, dict) else {}), **extra}
         return json.dumps(payload).encode()
-    addition = json.dumps({"hypereal": extra}, separators=(",", ":")).encode()[1:-1]
+    addition = _COMPACT.encode({"hypereal": extra}).encode()[1:-1]
     head = stripped[:-1].rstrip()
     sep = b"" if head.endswith(b"{") else b","
     return head + sep + addition + b"}"

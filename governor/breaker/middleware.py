@@ -76,16 +76,11 @@ class BreakerMiddleware:
         extra = [_CIRCUIT[decision.state]]
         if decision.degraded:
             extra.append(_DEGRADED)
-
-        async def send_circuit(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                h.replace(message, extra)
-            await send(message)
-
+        ctx.add_headers(extra)
         passed_at = self.governor.clock.monotonic()
         exc: BaseException | None = None
         try:
-            await self.app(scope, receive, send_circuit)
+            await self.app(scope, receive, send)
         except BaseException as e:
             exc = e
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from math import floor
@@ -100,25 +101,6 @@ _EXCEPTION = Outcome.EXCEPTION
 # Stores live on their backend, so every middleware of one governor shares the counters
 # (an attribute rather than a weak mapping: a store refers to its backend).
 _STORES_ATTR = "_governor_ratelimit_stores"
-
-
-# Every header name the rate guard can set.
-_OUR_NAMES = frozenset(
-    {_DEGRADED[0], _RPM_LIMIT, _RPM_REMAINING, _CAPACITY, _IPM_LIMIT, _IPM_REMAINING}
-    | {name for names in _OPENAI_FAMILY.values() for name in names}
-    | {name for family in _ANTHROPIC_FAMILY.values() for names in family for name in names}
-)
-
-
-def _replace(message: Message, extra: RawHeaders) -> None:
-    """:func:`headers.replace`, without its filtering when no header of the response can
-    be one of ours (the usual case: the upstream sent no rate headers)."""
-    headers = message.get("headers", ())
-    for name, _ in headers:
-        if name.lower() in _OUR_NAMES:
-            h.replace(message, extra)
-            return
-    message["headers"] = [*headers, *extra]
 
 
 def counted_tokens(usage: Usage) -> int:
@@ -309,21 +291,28 @@ class RateGuardMiddleware:
         if request.reserved_tokens:
             counters.reserved.inc(request.reserved_tokens)
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                refunded = ctx.refusal is not None
-                _replace(message, self._headers(ctx, request, decision, refunded, degraded))
-            await send(message)
-
+        ctx.add_headers(functools.partial(self._start_headers, request, decision, degraded))
         error: BaseException | None = None
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive, send)
         except BaseException as exc:
             error = exc
             raise
         finally:
             # Shielded: a cancelled request still gives back or settles what it took.
             await finish(self._settle(ctx, request, decision, store, error))
+
+    def _start_headers(
+        self,
+        request: Plan,
+        decision: Decision,
+        degraded: bool,
+        ctx: RequestContext,
+        message: Message,
+    ) -> RawHeaders:
+        # Made at the response start: a refusal further in by then reports its hits
+        # given back.
+        return self._headers(ctx, request, decision, ctx.refusal is not None, degraded)
 
     async def _settle(
         self,

@@ -21,7 +21,7 @@ from governor.usage_log.sinks import UsageSink, sink_for
 
 log = logging.getLogger("governor.usage")
 # count_tokens generates nothing and costs nothing: no usage record.
-_SKIP = frozenset({Surface.COUNT_TOKENS})
+_SKIP = (Surface.COUNT_TOKENS,)  # a tuple: `in` compares identity, no Enum hash
 
 
 class UsageLogMiddleware:
@@ -74,7 +74,7 @@ class UsageLogMiddleware:
             self.m_dropped.inc()
             log.warning("usage record of %s dropped", ctx.request_id, exc_info=True)
             return
-        self.m_records.labels(outcome.value).inc()
+        self.governor.metrics.child(self.m_records, outcome.value).inc()
         pending = getattr(self.sink, "pending", None)
         if pending is not None:
             # Records waiting for Redis in the sink's backlog (docs/reliability.md).
