@@ -30,7 +30,8 @@ class Outcome(enum.Enum):
     SUCCESS = "success"  # 2xx and the body sent to the end
     REFUSED = "refused"  # governor refused it (any middleware)
     CLIENT_ERROR = "client_error"  # upstream 4xx caused by the request itself
-    UPSTREAM_ERROR = "upstream_error"  # upstream 5xx, 529, 429
+    # Upstream 5xx, 529, 429, or a 2xx JSON body that does not parse.
+    UPSTREAM_ERROR = "upstream_error"
     STREAM_BROKEN = "stream_broken"  # started, then failed mid-way
     DISCONNECTED = "disconnected"  # the client went away
     CANCELLED = "cancelled"  # the task was cancelled
@@ -49,6 +50,7 @@ class ResponseObserver:
         "finished_at",
         "first_byte_at",
         "is_sse",
+        "malformed",
         "started_at",
         "status",
         "stream_error",
@@ -65,6 +67,9 @@ class ResponseObserver:
         self.is_sse = False
         self.usage: Usage | None = None
         self.stream_error = False
+        # A 2xx JSON body that does not parse (set by billing, which parses it in
+        # full): the upstream failed, whatever its status said.
+        self.malformed = False
         self._buffer: list[bytes] | None = None
         self._buffered = 0
         self._pending = b""
@@ -144,6 +149,8 @@ class ResponseObserver:
             return Outcome.UPSTREAM_ERROR
         if self.status >= 400:
             return Outcome.CLIENT_ERROR
+        if self.malformed:
+            return Outcome.UPSTREAM_ERROR
         if exc is not None or not self.complete or self.stream_error:
             return Outcome.STREAM_BROKEN
         return Outcome.SUCCESS

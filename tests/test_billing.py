@@ -485,3 +485,43 @@ async def test_ledger_invariants_under_random_use(backend: Backend, clock: Manua
         assert spent.hour <= 300
         assert spent.day <= 600
         assert await ledger.balance("acme", 1000) == 1000 - charged >= 0
+
+
+def _malformed_json_app(scope: Scope, receive: Receive, send: Send) -> Any:
+    async def app() -> None:
+        await receive()
+        body = b'{"id": "chatcmpl-1", "choices": [trunc'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app()
+
+
+async def test_malformed_success_body_is_an_upstream_error(
+    backend: Backend, clock: ManualClock
+) -> None:
+    """A 200 "JSON" body that does not parse is charged nothing, passed on untouched and
+    logged as an upstream error, not a success."""
+    from governor.stack import wrap
+    from governor.usage_log import sink_for
+
+    gov = make_governor(backend, clock)
+    result = await post(wrap(_malformed_json_app, gov))
+    assert result.status == 200
+    assert result.body == b'{"id": "chatcmpl-1", "choices": [trunc'
+    balance, spent = await state(gov)
+    assert (balance, spent) == (1000, KeySpend(0, 0, 0))
+    sink = sink_for(gov)
+    assert isinstance(sink, MemorySink)
+    [record] = sink.records
+    assert record.outcome == "upstream_error"
+    assert record.credits_charged == 0

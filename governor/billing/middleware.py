@@ -426,6 +426,7 @@ class _Billed:
             payload = json.loads(self.buffer)
         except ValueError:
             payload = None
+            self.ctx.response.malformed = True  # an upstream failure, for logs and breaker
         self.payload = payload
         # A 2xx "JSON" body that does not parse is a failed request: not charged.
         await self._settle(

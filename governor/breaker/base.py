@@ -110,8 +110,9 @@ def classify(
     """Success, failure or neither, from how the request ended.
 
     Failures: upstream 5xx (529, the demo forwarder's 502/504 included), 429 when
-    ``count_429``, the app raising (connection errors, timeouts), a stream broken mid-way,
-    and a first byte slower than ``slow_first_byte_s``. Neutral: governor's own refusals,
+    ``count_429``, a 2xx JSON body that does not parse (billing sees it), the app raising
+    (connection errors, timeouts), a stream broken mid-way, and a first byte slower than
+    ``slow_first_byte_s``. Neutral: governor's own refusals,
     client disconnects, cancellation, and 4xx the request itself caused.
     """
     outcome = ctx.response.outcome(
