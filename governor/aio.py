@@ -15,11 +15,14 @@ the clean-up running.
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Collection, Coroutine, Generator
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 # Clean-up tasks still running; kept referenced so they are not collected mid-way.
 _BACKGROUND: set[asyncio.Task[Any]] = set()
@@ -96,3 +99,24 @@ def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     except StopIteration:
         return None
     return spawn(_continue(coro, yielded))
+
+
+async def cancel_all(
+    tasks: Collection[asyncio.Future[Any]], *, every_s: float = 0.5, rounds: int = 20
+) -> None:
+    """Cancel *tasks* and wait for them to end, cancelling again every *every_s*.
+
+    One cancellation is not always enough: redis-py's asyncio ``PubSub`` loses one that
+    lands while it connects, then waits in ``get_message(timeout=None)`` for good (seen
+    with redis-py 8.1). After *rounds* tries the rest are left running, with a warning,
+    rather than hang a shutdown.
+    """
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(rounds):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)
+    if pending:
+        log.warning("%d background task(s) ignored cancellation: left running", len(pending))

@@ -326,3 +326,18 @@ async def test_killed_worker_slots_come_back_within_ttl(
             proc.kill()
             proc.wait()
         await slots.aclose()
+
+
+@pytest.mark.redis
+async def test_close_ends_the_subscriber_whenever_it_lands() -> None:
+    """aclose() ends the wake-up subscriber even when its cancellation lands while the
+    subscriber connects (redis-py's PubSub loses that one): never a hung shutdown."""
+    await (await conftest.real_redis_or_skip()).aclose()
+    for turns in range(0, 40, 3):
+        config = RedisConfig(url=conftest.REDIS_URL, key_prefix=conftest.test_prefix())
+        async with RedisBackend(config, client=make_client(config)) as backend:
+            slots = RedisSlots(backend, QueueLimits())
+            slots._start()  # what the first admit does
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            await asyncio.wait_for(slots.aclose(), timeout=10)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from governor.aio import finish, start
+from governor.aio import cancel_all, finish, start
 
 
 async def test_no_task_when_nothing_waits() -> None:
@@ -118,3 +118,21 @@ async def test_start_runs_inline_until_the_first_wait() -> None:
     gate.set()
     await asyncio.shield(task)
     assert ran[-1] == "slow ended"
+
+
+async def test_cancel_all_cancels_again_until_the_task_ends() -> None:
+    """A task that swallows its first cancellation still ends (redis-py's PubSub can)."""
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # lost, as redis-py loses one that lands while it connects
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0)
+    await cancel_all([task], every_s=0.01)
+    assert swallowed.is_set()
+    assert task.cancelled()

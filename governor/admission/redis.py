@@ -31,6 +31,7 @@ from governor.admission.base import (
     SlotBackend,
     Waiter,
 )
+from governor.aio import cancel_all
 from governor.backends import RedisBackend
 from governor.errors import BackendError
 
@@ -412,7 +413,5 @@ class RedisSlots(SlotBackend):
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         tasks = [t for t in (self._listener, self._heartbeat, self._poller) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)  # the subscriber may swallow a first cancellation
         self._listener = self._heartbeat = self._poller = None
