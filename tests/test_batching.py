@@ -121,3 +121,38 @@ async def test_slot_release_shares_the_settlement_round_trip(redis_backend: Redi
         result = await call(app, headers=auth, json_body=request)
         assert result.status == 200
         assert (batcher.batches - before[0], batcher.calls - before[1]) == (3, 4)
+
+
+async def test_one_connection_is_kept_between_batches(redis_backend: RedisBackend) -> None:
+    """Consecutive batches reuse one kept connection (the pool's get and release cost
+    more than a command); closing gives it back to the pool."""
+    script = redis_backend.script("tests", "probe.lua")
+    batcher = batcher_of(redis_backend)
+    await redis_backend.run(script, [redis_backend.key("kept")], [1])
+    kept = batcher._idle
+    assert kept is not None
+    await redis_backend.run(script, [redis_backend.key("kept")], [1])
+    assert batcher._idle is kept
+    await batcher.aclose()
+    assert batcher._idle is None
+    pool: Any = redis_backend.redis.connection_pool
+    assert kept in pool._available_connections
+
+
+async def test_a_failed_batch_does_not_keep_its_connection(redis_backend: RedisBackend) -> None:
+    """A connection that failed mid-batch goes back to the pool, disconnected."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    script = redis_backend.script("tests", "probe.lua")
+    batcher = batcher_of(redis_backend)
+    await redis_backend.run(script, [redis_backend.key("f")], [1])
+    kept: Any = batcher._idle
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RedisConnectionError("reset by peer")
+
+    kept.read_response = broken
+    with pytest.raises(BackendError):
+        await redis_backend.run(script, [redis_backend.key("f")], [1])
+    assert batcher._idle is None
+    del kept.read_response

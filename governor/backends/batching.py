@@ -42,6 +42,8 @@ class ScriptBatcher:
         self._pending: list[_Call] = []
         self._scheduled = False
         self._inflight: set[asyncio.Task[None]] = set()
+        self._idle: Any = None  # a redis-py Connection kept between batches
+        self._closed = False
         # Diagnostics for benchmarks and tests: batches sent and calls they carried.
         self.batches = 0
         self.calls = 0
@@ -113,7 +115,13 @@ class ScriptBatcher:
             for script, keys, args, _ in batch
         )
         pool: Any = self._client.connection_pool  # its get_connection() is untyped
-        connection: Any = await pool.get_connection()
+        # The last batch's connection, kept: the pool's get and release cost about
+        # 13 µs a batch, a sixth of a lone request's round trip.
+        connection: Any = self._idle
+        self._idle = None
+        if connection is None:
+            connection = await pool.get_connection()
+        healthy = False
         try:
             for attempt in range(self._retries + 1):
                 try:
@@ -130,12 +138,16 @@ class ScriptBatcher:
                     replies.append(await connection.read_response())
                 except ResponseError as exc:  # one script's error: the rest still read
                     replies.append(exc)
+            healthy = True
         except BaseException:
             # A half-read connection must never serve another batch.
             await connection.disconnect()
             raise
         finally:
-            await pool.release(connection)
+            if healthy and self._idle is None and not self._closed:
+                self._idle = connection
+            else:
+                await pool.release(connection)
         for i, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):  # after SCRIPT FLUSH or a restart
                 script, keys, args, _ = batch[i]
@@ -146,11 +158,17 @@ class ScriptBatcher:
         return replies
 
     async def aclose(self) -> None:
-        """Wait for the batches in flight (their callers may be gone)."""
+        """Wait for the batches in flight (their callers may be gone), then give the
+        kept connection back to the pool."""
         if self._pending:
             self._flush()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._closed = True
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            pool: Any = self._client.connection_pool
+            await pool.release(idle)
 
 
 def _pack_py(args: tuple[Any, ...]) -> bytes:
