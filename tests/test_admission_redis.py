@@ -140,7 +140,7 @@ async def test_lost_lease_is_reported(redis_backend: RedisBackend) -> None:
         lease = await slots.admit(pool, "a", 1)
         assert isinstance(lease, Lease)
         await redis_backend.redis.zrem(slots._pool_keys(pool)[0], lease.id)
-        await slots._beat(MODEL, [(pool, {lease.id})])
+        await slots._beat(MODEL)
         assert lost == [MODEL]
     finally:
         await slots.aclose()
@@ -171,7 +171,7 @@ async def test_keys_share_one_hash_tag_per_model(redis_backend: RedisBackend) ->
         pools = [Pool(MODEL, 1), Pool(MODEL, 1, key="key_abc")]
         held = [await slots.admit(p, "a", 1) for p in pools]
         waiting = [await slots.admit(p, "b", 1) for p in pools]
-        await slots._beat(MODEL, [(p, {str(x.id)}) for p, x in zip(pools, held, strict=True)])  # type: ignore[union-attr]
+        await slots._beat(MODEL)
         keys = [k async for k in redis_backend.redis.scan_iter(match=f"{redis_backend.prefix}:*")]
         assert len(keys) >= 8
         assert all(b"{gpt-5-5}" in k for k in keys)
@@ -182,6 +182,149 @@ async def test_keys_share_one_hash_tag_per_model(redis_backend: RedisBackend) ->
             await slots.release(x, None)  # type: ignore[arg-type]
     finally:
         await slots.aclose()
+
+
+# --- data loss (the pool's epoch) ------------------------------------------------------
+
+
+async def _held_counts(backend: RedisBackend, slots: RedisSlots, pool: Pool) -> list[int]:
+    """The pool's per-account held counts in st (none once every lease is back)."""
+    st: dict[Any, Any] = await backend.redis.hgetall(slots._pool_keys(pool)[-1])
+    return sorted(int(v) for k, v in st.items() if bytes(k).startswith(b"h:"))
+
+
+async def test_leases_come_back_one_heartbeat_after_data_loss(slots_for: Any) -> None:
+    """The pool's keys are deleted (as a flush would) under two leases in flight: the
+    next heartbeat of each worker grants them again, on top of what was admitted in the
+    gap, so the pool counts more than its limit and the next request waits."""
+    restored: list[tuple[str, int]] = []
+    # Heartbeats by hand only (the background one beats once, at start).
+    options = {"lease_ttl_s": 60.0, "heartbeat_s": 30.0, "poll_s": 0.05}
+    one = slots_for(on_leases_restored=lambda m, n: restored.append((m, n)), **options)
+    two = slots_for(on_leases_restored=lambda m, n: restored.append((m, n)), **options)
+    pool = Pool(MODEL, 2)
+    a = await one.admit(pool, "a", 1)
+    b = await two.admit(pool, "b", 1)
+    assert isinstance(a, Lease)
+    assert isinstance(b, Lease)
+    # No heartbeat yet: the admits taught each worker the pool's epoch.
+    backend = one.backend
+    await conftest.drop_prefix(backend.redis, backend.prefix)
+    assert await one.stats(pool) == PoolStats(0, 0)
+    gap = await one.admit(pool, "c", 1)  # admitted while the pool counted 0
+    assert isinstance(gap, Lease)
+    await one._beat(MODEL)
+    await two._beat(MODEL)
+    assert restored == [(MODEL, 1), (MODEL, 1)]
+    assert await one.stats(pool) == PoolStats(3, 0)  # over the limit of 2, as it is
+    assert await _held_counts(backend, one, pool) == [1, 1, 1]  # a, b and c, as granted
+    waiter = await two.admit(pool, "d", 1)
+    assert not isinstance(waiter, Lease)
+    waiting = asyncio.ensure_future(waiter.wait())
+    await one.release(gap, None)
+    assert await one.stats(pool) == PoolStats(2, 1)  # still full: no slot handed out
+    assert not waiting.done()
+    await one.release(a, None)
+    granted = await asyncio.wait_for(waiting, 5)
+    assert granted.remaining == 0
+    for slots, lease in ((two, b), (two, granted)):
+        await slots.release(lease, None)
+    assert await one.stats(pool) == PoolStats(0, 0)
+    assert await _held_counts(backend, one, pool) == []  # held counts restored exactly
+
+
+async def test_lease_admitted_just_before_the_loss_is_restored(
+    slots_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admit that ran before the loss but whose reply came after a heartbeat that saw
+    the new epoch: its old epoch in the reply makes the next heartbeat restore it."""
+    slots = slots_for(lease_ttl_s=60.0, heartbeat_s=30.0)
+    pool = Pool(MODEL, 2)
+    first = await slots.admit(pool, "a", 1)
+    assert isinstance(first, Lease)
+    backend = slots.backend
+    run = backend.run
+
+    async def loss_before_reply(script: Any, keys: list[str], args: list[Any]) -> Any:
+        reply = await run(script, keys, args)
+        if args[0] == "admit":
+            monkeypatch.setattr(backend, "run", run)
+            await conftest.drop_prefix(backend.redis, backend.prefix)
+            await slots._beat(MODEL)  # restores the first lease, learns the new epoch
+        return reply
+
+    monkeypatch.setattr(backend, "run", loss_before_reply)
+    second = await slots.admit(pool, "b", 1)
+    assert isinstance(second, Lease)
+    assert await slots.stats(pool) == PoolStats(1, 0)
+    await slots._beat(MODEL)
+    assert await slots.stats(pool) == PoolStats(2, 0)
+    for lease in (first, second):
+        await slots.release(lease, None)
+    assert await slots.stats(pool) == PoolStats(0, 0)
+
+
+async def test_swept_lease_is_not_restored_without_data_loss(slots_for: Any) -> None:
+    """A lease that expired and was swept, the pool's data intact, is lost: the
+    heartbeat does not add it back (that could race its release)."""
+    lost: list[str] = []
+    restored: list[tuple[str, int]] = []
+    slots = slots_for(
+        lease_ttl_s=60.0,
+        heartbeat_s=30.0,
+        on_lease_lost=lost.append,
+        on_leases_restored=lambda m, n: restored.append((m, n)),
+    )
+    pool = Pool(MODEL, 1)
+    lease = await slots.admit(pool, "a", 1)
+    assert isinstance(lease, Lease)
+    await slots._beat(MODEL)
+    # Its deadline in the past (no wait for Redis' clock): the next call sweeps it.
+    await slots.backend.redis.zadd(slots._pool_keys(pool)[0], {lease.id: 0})
+    assert await slots.stats(pool) == PoolStats(0, 0)
+    await slots._beat(MODEL)
+    assert lost == [MODEL]
+    assert restored == []
+    assert await slots.stats(pool) == PoolStats(0, 0)
+    await slots.release(lease, None)
+
+
+async def test_release_racing_the_restoring_heartbeat_leaves_no_lease(
+    slots_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After data loss, a release that reaches Redis after the heartbeat was built but
+    before it ran finds nothing to drop, and the heartbeat then grants the lease again.
+    The worker sees the restored lease is no longer held and releases it once more (that
+    call follows the beat's reply, so it cannot be overtaken); were it to fail, nobody
+    renews the lease and it lapses within the TTL."""
+    restored: list[tuple[str, int]] = []
+    slots = slots_for(
+        lease_ttl_s=60.0,
+        heartbeat_s=30.0,
+        on_leases_restored=lambda m, n: restored.append((m, n)),
+    )
+    pool = Pool(MODEL, 1)
+    lease = await slots.admit(pool, "a", 1)
+    assert isinstance(lease, Lease)
+    await slots._beat(MODEL)
+    backend = slots.backend
+    await conftest.drop_prefix(backend.redis, backend.prefix)
+    run = backend.run
+    raced: list[str] = []
+
+    async def release_first(script: Any, keys: list[str], args: list[Any]) -> Any:
+        if args[0] == "heartbeat" and not raced:
+            raced.append(lease.id)
+            await slots.release(lease, None)  # at Redis first, the beat already built
+        return await run(script, keys, args)
+
+    monkeypatch.setattr(backend, "run", release_first)
+    await slots._beat(MODEL)
+    assert raced == [lease.id]
+    await until(lambda: not slots._background)  # the second release has run
+    assert restored == []  # given back, not counted as restored
+    assert await slots.stats(pool) == PoolStats(0, 0)
+    assert await _held_counts(backend, slots, pool) == []
 
 
 # --- fail modes -----------------------------------------------------------------------

@@ -15,6 +15,8 @@ import pytest
 from redis.asyncio import Redis
 
 from governor import headers as h
+from governor.admission import AdmissionMiddleware
+from governor.admission.redis import RedisSlots
 from governor.config import AdmissionConfig, ModelEntry, RateLimitConfig
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.fault_support import (
@@ -387,7 +389,8 @@ async def test_flushed_keeps_suspension(
     redis: Redis, proxy: FaultProxy, prefix: str, faults: _Recorder
 ) -> None:
     """Redis loses every key mid-stream: a suspension this worker knew is written back,
-    never lifted; the stream settles; no slot or hold is left behind."""
+    never lifted; the next heartbeat counts the stream's slot again; the stream settles;
+    no slot or hold is left behind."""
     from governor.fingerprint.store import Suspension
     from governor.keys import key_id
     from tests.fault_support import KEY
@@ -403,7 +406,11 @@ async def test_flushed_keeps_suspension(
 
         in_flight = asyncio.create_task(
             stack.call(
-                CHAT, chat(stream=True), headers={"x-mock-chunk-delay-ms": "60"}, disconnect=seen
+                # Slow enough to be in flight still at the heartbeat after the flush.
+                CHAT,
+                chat(stream=True),
+                headers={"x-mock-chunk-delay-ms": "300"},
+                disconnect=seen,
             )
         )
         await asyncio.wait_for(first_chunk.wait(), 5)
@@ -421,11 +428,20 @@ async def test_flushed_keeps_suspension(
         assert again.status == 403, again.body  # not lifted by the flush
         assert await redis.exists(susp_key) == 1  # written back
         recovery = time.monotonic() - t0
+        # The worker's next heartbeat (run now, not heartbeat_s later) sees the pool's
+        # epoch changed and grants the stream's lease again.
+        admission = stack.layer(AdmissionMiddleware)
+        assert isinstance(admission.slots, RedisSlots)
+        await admission.slots._beat("gpt-5-5")
+        assert not in_flight.done()
+        assert await stack.slots() == (1, 0)
+        restored = stack.metric("governor_admission_leases_restored_total", model="gpt-5-5")
+        assert restored == 1
         streamed = await in_flight
         assert streamed.status == 200
         assert b"[DONE]" in streamed.body
-        # The stream's hold and slot vanished with the flush: its settlement charges the
-        # re-seeded balance once, its release is a no-op; nothing negative, nothing stuck.
+        # The stream's hold vanished with the flush: its settlement charges the re-seeded
+        # balance once; its slot, restored, is released; nothing negative, nothing stuck.
         balance, held, live = await stack.ledger()
         assert held == 0
         assert live == 0
@@ -434,9 +450,11 @@ async def test_flushed_keeps_suspension(
     faults.record(
         "Redis flushed (every key of the prefix deleted) mid-stream",
         "fingerprint suspensions; billing ledger; admission slots; rate counters",
-        "suspensions survive; ledger and slots consistent (nothing negative or stuck)",
+        "suspensions survive; in-flight slots counted again within one heartbeat; ledger "
+        "and slots consistent (nothing negative or stuck)",
         "suspended key still 403 and its record written back (epoch changed); the "
-        "in-flight stream completed and settled once; 0 slots and 0 credits held; "
+        "in-flight stream's slot counted again by the next heartbeat (1 lease restored); "
+        "it completed and settled once; 0 slots and 0 credits held; "
         "balances restart at the opening balance and rate windows restart (a flush "
         "loses them: run Redis with persistence)",
         recovery_s=recovery,

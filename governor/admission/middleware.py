@@ -154,6 +154,7 @@ class AdmissionMiddleware:
                     heartbeat_s=cfg.heartbeat_s,
                     poll_s=cfg.poll_s,
                     on_lease_lost=self._lease_lost,
+                    on_leases_restored=self._leases_restored,
                 )
             else:
                 slots = MemorySlots(limits)
@@ -194,6 +195,11 @@ class AdmissionMiddleware:
         self._lost = metrics.counter(
             "admission_leases_lost", "Slot leases that expired while held.", ("model",)
         )
+        self._restored = metrics.counter(
+            "admission_leases_restored",
+            "Slot leases granted again after Redis lost the pool's data.",
+            ("model",),
+        )
         self._backend_errors = metrics.counter(
             "admission_backend_errors", "Slot backend failures, by operation.", ("op",)
         )
@@ -225,6 +231,9 @@ class AdmissionMiddleware:
 
     def _lease_lost(self, model: str) -> None:
         self._lost.labels(model).inc()
+
+    def _leases_restored(self, model: str, count: int) -> None:
+        self._restored.labels(model).inc(count)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         entered = await self.governor.model_call(self.app, scope, receive, send, skip=_SKIP)

@@ -7,6 +7,10 @@ next waiter in fair order and the waiter's worker is told over pub/sub (one
 subscriber per process); pub/sub is only a hint, so each worker also polls its own
 waiters in one batched call per pool every ``poll_s`` (jittered), which also keeps
 their places alive. Background tasks start on first use and stop in :meth:`aclose`.
+
+Each pool has an epoch in Redis that changes only when its data is lost; the heartbeat
+carries the one this worker saw last, and on a change Redis grants this worker's
+still-held leases again (so a flush over-admits for at most one heartbeat interval).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def account_digest(account: str) -> str:
     return hashlib.sha256(account.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def _hold_s(raw: Any) -> float | None:
     if not raw:
         return None
@@ -54,10 +62,13 @@ def _hold_s(raw: Any) -> float | None:
 class _RedisWaiter(Waiter):
     """A place in a pool's queue in Redis; woken by pub/sub hints and the poller."""
 
-    def __init__(self, slots: RedisSlots, pool: Pool, account: str, ticket: str) -> None:
+    def __init__(
+        self, slots: RedisSlots, pool: Pool, account: str, digest: str, ticket: str
+    ) -> None:
         self._slots = slots
         self.pool = pool
         self.account = account
+        self.digest = digest
         self.ticket = ticket
         self._ahead = 0
         self._mean_hold_s: float | None = None
@@ -126,7 +137,7 @@ class _RedisWaiter(Waiter):
             return None
         if int(reply[0]) == 1:
             lease = Lease(self.ticket, self.pool, self.account, int(reply[1]))
-            slots._hold(lease)
+            slots._hold(lease, self.digest)
             return lease
         return None
 
@@ -144,6 +155,7 @@ class RedisSlots(SlotBackend):
         poll_s: float = 0.25,
         worker_id: str | None = None,
         on_lease_lost: Callable[[str], None] | None = None,
+        on_leases_restored: Callable[[str, int], None] | None = None,
     ) -> None:
         if heartbeat_s >= lease_ttl_s:
             raise ValueError("heartbeat_s must be shorter than lease_ttl_s")
@@ -159,9 +171,13 @@ class RedisSlots(SlotBackend):
         self._live_ms = max(2_000, round(poll_s * 8_000))
         self._worker = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._on_lease_lost = on_lease_lost
+        self._on_leases_restored = on_leases_restored
         self._keys: dict[str, list[str]] = {}
-        # model -> pool name -> (pool, lease ids held by this worker)
-        self._held: dict[str, dict[str, tuple[Pool, set[str]]]] = {}
+        # model -> pool name -> (pool, lease id -> account digest) for this worker's
+        # leases: the heartbeat needs the digest to grant a lease again after data loss.
+        self._held: dict[str, dict[str, tuple[Pool, dict[str, str]]]] = {}
+        # pool name -> the pool's epoch as this worker last saw it (heartbeat, admit)
+        self._epochs: dict[str, str] = {}
         # pool name -> (pool, ticket -> waiter) for this worker's waiters
         self._waiting: dict[str, tuple[Pool, dict[str, _RedisWaiter]]] = {}
         self._by_ticket: dict[str, _RedisWaiter] = {}
@@ -202,13 +218,13 @@ class RedisSlots(SlotBackend):
             raise BackendError("admission: the Redis slot backend is closed")
         self._held.setdefault(pool.model, {})
         self._start()
-        waiter = _RedisWaiter(self, pool, account, uuid.uuid4().hex)
+        waiter = _RedisWaiter(self, pool, account, account_digest(account), uuid.uuid4().hex)
         # Registered before the call, so a wake-up that beats the reply is not lost.
         self._by_ticket[waiter.ticket] = waiter
         limits = self.limits
         args = [
             waiter.ticket,
-            account_digest(account),
+            waiter.digest,
             max(0, int(tokens)),
             limits.max_waiters,
             -1 if pool.queue_tokens is None else pool.queue_tokens,
@@ -232,10 +248,21 @@ class RedisSlots(SlotBackend):
 
     def _admitted(self, waiter: _RedisWaiter, reply: list[Any]) -> Lease | Waiter:
         status = int(reply[0])
+        if status:
+            # Granted or queued, the reply ends with the pool's epoch. The first one
+            # lets this worker tell a loss before its first heartbeat of the pool. One
+            # that differs means a loss around this call, which the heartbeat may have
+            # seen already (the admit ran before it, the reply came after): "?" matches
+            # no epoch, so the next heartbeat restores whatever this worker holds.
+            name = waiter.pool.name
+            epoch = _text(reply[-1])
+            known = self._epochs.get(name)
+            if known != epoch:
+                self._epochs[name] = epoch if known is None else "?"
         if status == 1:
             self._forget_waiter(waiter)
             lease = Lease(waiter.ticket, waiter.pool, waiter.account, int(reply[1]))
-            self._hold(lease)
+            self._hold(lease, waiter.digest)
             return lease
         if status == 2:
             waiter._ahead = max(0, int(reply[1]) - 1)
@@ -257,7 +284,7 @@ class RedisSlots(SlotBackend):
             "admit",
             [
                 waiter.ticket,
-                account_digest(waiter.account),
+                waiter.digest,
                 0,
                 limits.max_waiters,
                 -1,
@@ -291,15 +318,15 @@ class RedisSlots(SlotBackend):
 
     # --- local bookkeeping ------------------------------------------------------------
 
-    def _hold(self, lease: Lease) -> None:
+    def _hold(self, lease: Lease, digest: str) -> None:
         pools = self._held.setdefault(lease.pool.model, {})
-        _, ids = pools.setdefault(lease.pool.name, (lease.pool, set()))
-        ids.add(lease.id)
+        _, ids = pools.setdefault(lease.pool.name, (lease.pool, {}))
+        ids[lease.id] = digest
 
     def _unhold(self, lease: Lease) -> None:
         entry = self._held.get(lease.pool.model, {}).get(lease.pool.name)
         if entry is not None:
-            entry[1].discard(lease.id)
+            entry[1].pop(lease.id, None)
 
     def _forget_waiter(self, waiter: _RedisWaiter) -> None:
         self._by_ticket.pop(waiter.ticket, None)
@@ -321,7 +348,7 @@ class RedisSlots(SlotBackend):
             if status == 1:
                 self._forget_waiter(waiter)
                 lease = Lease(waiter.ticket, pool, waiter.account, value)
-                self._hold(lease)
+                self._hold(lease, waiter.digest)
                 waiter._granted(lease)
             elif status == 2:
                 waiter._ahead = max(0, value - 1)
@@ -380,33 +407,76 @@ class RedisSlots(SlotBackend):
         """Renews this worker's leases: one call per model every ``heartbeat_s``; also
         registers the worker, so the degraded share (limit // workers) is known."""
         while True:
-            for model, pools in list(self._held.items()):
-                await self._beat(model, list(pools.values()))
+            for model in list(self._held):
+                await self._beat(model)
             await asyncio.sleep(self._heartbeat_s)
 
-    async def _beat(self, model: str, pools: list[tuple[Pool, set[str]]]) -> None:
+    async def _beat(self, model: str) -> None:
+        pools = list(self._held.get(model, {}).values())
         keys = [f"{self._tag(model)}:workers"]
         args: list[Any] = ["heartbeat", self._worker, self._ttl_ms, self._ttl_ms]
-        sent: list[str] = []
         for pool, ids in pools:
-            keys.append(self._pool_keys(pool)[0])
-            batch = list(ids)
-            args.append(len(batch))
-            args.extend(batch)
-            sent.extend(batch)
+            sem, lmeta, *_, st = self._pool_keys(pool)
+            keys += (sem, lmeta, st)
+            args.append(self._epochs.get(pool.name, ""))
+            args.append(len(ids))
+            for pair in list(ids.items()):
+                args.extend(pair)
         try:
             reply = await self.backend.run(self._script, keys, args)
         except BackendError as exc:
             log.warning("admission: heartbeat failed: %s", exc)
             return
         self._workers[model] = max(1, int(reply[0]))
-        held = {i for _, ids in pools for i in ids}
-        for raw in reply[1:]:
-            lease_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if lease_id in held:  # not released meanwhile
-                log.warning("admission: lease %s on %s expired before renewal", lease_id, model)
-                if self._on_lease_lost is not None:
-                    self._on_lease_lost(model)
+        at = 1
+        for pool, ids in pools:
+            epoch = _text(reply[at])
+            n = int(reply[at + 1])
+            restored = [_text(r) for r in reply[at + 2 : at + 2 + n]]
+            at += 2 + n
+            n = int(reply[at])
+            lost = [_text(r) for r in reply[at + 1 : at + 1 + n]]
+            at += 1 + n
+            seen = self._epochs.get(pool.name)
+            self._epochs[pool.name] = epoch
+            if restored:
+                self._restored(pool, restored, ids, seen, epoch)
+            for lease_id in lost:
+                if lease_id in ids:  # not released meanwhile
+                    log.warning("admission: lease %s on %s expired before renewal", lease_id, model)
+                    if self._on_lease_lost is not None:
+                        self._on_lease_lost(model)
+
+    def _restored(
+        self, pool: Pool, restored: list[str], ids: dict[str, str], seen: str | None, epoch: str
+    ) -> None:
+        # A lease released after this beat was sent may have been granted again by it
+        # (the release ran first, found nothing after the loss, then the beat re-added
+        # it). The release has left ids, so give such a lease back once more; this call
+        # runs after the beat, so it cannot be overtaken. Should it fail, the lease is
+        # renewed by nobody and lapses within the TTL.
+        kept = 0
+        for lease_id in restored:
+            if lease_id in ids:
+                kept += 1
+            else:
+                self._spawn(self._give_back(pool, lease_id))
+        log.warning(
+            "admission: pool %s lost its data in Redis (epoch %s -> %s): restored %d "
+            "leases this worker still holds",
+            pool.name,
+            seen or "unknown",
+            epoch,
+            kept,
+        )
+        if kept and self._on_leases_restored is not None:
+            self._on_leases_restored(pool.model, kept)
+
+    async def _give_back(self, pool: Pool, lease_id: str) -> None:
+        try:
+            await self._call(pool, "release", [lease_id, -1])
+        except BackendError as exc:
+            log.warning("admission: release of a restored lease failed: %s", exc)
 
     async def aclose(self) -> None:
         self._closed = True

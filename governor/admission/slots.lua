@@ -12,53 +12,48 @@
 --              not lately), one member per waiting account: the least recently served
 --              goes next (ties: oldest head), i.e. round robin between accounts
 --      7 st    HASH seq, d (grants so far), qn (waiters), qtok (tokens waiting), hold (mean
---              hold ms), and per account: h:<acct> held, l:<acct> last grant (while it
---              holds or waits), n:<acct> waiting, t:<acct> tokens waiting, r:<acct> its
---              ready member
+--              hold ms), ep (epoch, below), and per account: h:<acct> held, l:<acct> last
+--              grant (while it holds or waits), n:<acct> waiting, t:<acct> tokens waiting,
+--              r:<acct> its ready member
 -- All keys share the pool's hash tag ({model}). Accounts are fixed-width hex digests.
 -- ARGV 1 op, 2 limit, 3 wake channel ('' none), 4 live_ms (waiter liveness, and the window
 --      a worker has to claim a slot handed to its waiter), 5 ttl_ms (lease TTL), 6.. per op.
 --
--- heartbeat: KEYS 1 workers ZSET (worker -> deadline), 2.. sem keys of one model's pools;
---      ARGV 1 'heartbeat', 2 worker id, 3 ttl_ms, 4 worker_ttl_ms, then for each sem key
---      a count and that many lease ids. Renews the leases; answers {live workers, lost...}.
+-- heartbeat: KEYS 1 workers ZSET (worker -> deadline), then sem, lmeta, st of each of one
+--      model's pools; ARGV 1 'heartbeat', 2 worker id, 3 ttl_ms, 4 worker_ttl_ms, then for
+--      each pool the epoch this worker saw last ('' none), a count n and n pairs lease id,
+--      account. Renews the leases; answers {live workers, then per pool: epoch, n restored,
+--      restored ids..., n lost, lost ids...}.
+--
+-- Epoch: st's field ep, set from TIME by whichever call first finds it missing. It only
+-- goes missing (or changes) when the pool's data was lost (a flush, a restart without
+-- persistence, a failover to an empty replica); the heartbeat then re-grants the leases
+-- the worker still holds, so the pool counts the requests still in flight again.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op = ARGV[1]
+local epoch_now = t[1] .. '.' .. t[2]
+local SEM, LMETA, Q, QLIVE, QMETA, READY, ST
+local limit, chan, live_ms, ttl
+local qn, hold_v, ep, used = 0, '', ''
 
-if op == 'heartbeat' then
-  local ttl, wttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-  redis.call('ZADD', KEYS[1], now + wttl, ARGV[2])
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  local out = {redis.call('ZCARD', KEYS[1])}
-  local a = 5
-  for k = 2, #KEYS do
-    local n = tonumber(ARGV[a]); a = a + 1
-    for i = a, a + n - 1 do
-      -- A lease still in the set is still counted, so renewing it (even past its
-      -- deadline, before a sweep) cannot over-admit; a swept one is lost for good.
-      if redis.call('ZADD', KEYS[k], 'XX', 'CH', now + ttl, ARGV[i]) == 0
-          and not redis.call('ZSCORE', KEYS[k], ARGV[i]) then
-        out[#out + 1] = ARGV[i]
-      end
-    end
-    a = a + n
+if op ~= 'heartbeat' then
+  SEM, LMETA, Q, QLIVE, QMETA, READY, ST = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+  limit, chan, live_ms, ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  -- Read once and kept in step with this call's writes (scripts are atomic): the number
+  -- of waiters, the mean hold time and (when first needed) the number of leases. Every
+  -- waiter is in q, qlive and qmeta, and its account has a ready member, so with qn = 0
+  -- those need no reading at all.
+  local st = redis.call('HMGET', ST, 'qn', 'hold', 'ep')
+  qn = tonumber(st[1] or '0')
+  hold_v = st[2] or ''
+  ep = st[3]
+  if not ep then
+    ep = epoch_now
+    redis.call('HSET', ST, 'ep', ep)
   end
-  return out
 end
-
-local SEM, LMETA, Q, QLIVE, QMETA, READY, ST = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local limit, chan, live_ms, ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-
--- Read once and kept in step with this call's writes (scripts are atomic): the number
--- of waiters, the mean hold time and (when first needed) the number of leases. Every
--- waiter is in q, qlive and qmeta, and its account has a ready member, so with qn = 0
--- those need no reading at all.
-local st = redis.call('HMGET', ST, 'qn', 'hold')
-local qn = tonumber(st[1] or '0')
-local hold_v = st[2] or ''
-local used
 
 local function count()
   if not used then used = redis.call('ZCARD', SEM) end
@@ -193,10 +188,57 @@ local function remaining()
   return math.max(0, limit - count())
 end
 
+if op == 'heartbeat' then
+  ttl = tonumber(ARGV[3])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local out = {redis.call('ZCARD', KEYS[1])}
+  local a = 5
+  for k = 2, #KEYS, 3 do
+    SEM, LMETA, ST = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local seen, n = ARGV[a], tonumber(ARGV[a + 1])
+    a = a + 2
+    local ep = redis.call('HGET', ST, 'ep')
+    -- Missing, or not the one this worker saw: the pool's data was lost since. A worker
+    -- that never saw one ('') cannot tell, unless it is missing.
+    local reset = not ep or (seen ~= '' and seen ~= ep)
+    if not ep then
+      ep = epoch_now
+      redis.call('HSET', ST, 'ep', ep)
+    end
+    local restored, lost = {}, {}
+    for i = a, a + 2 * n - 1, 2 do
+      local id = ARGV[i]
+      -- A lease still in the set is still counted, so renewing it (even past its
+      -- deadline, before a sweep) cannot over-admit. Without data loss a swept one is
+      -- lost for good (re-adding it could race its release); after a loss the worker
+      -- still holds it, so it is granted again (a release racing this: see redis.py).
+      if redis.call('ZADD', SEM, 'XX', 'CH', now + ttl, id) == 0
+          and not redis.call('ZSCORE', SEM, id) then
+        if reset then
+          grant(id, ARGV[i + 1], now + ttl)
+          restored[#restored + 1] = id
+        else
+          lost[#lost + 1] = id
+        end
+      end
+    end
+    a = a + 2 * n
+    out[#out + 1] = ep
+    out[#out + 1] = #restored
+    for _, id in ipairs(restored) do out[#out + 1] = id end
+    out[#out + 1] = #lost
+    for _, id in ipairs(lost) do out[#out + 1] = id end
+  end
+  return out
+end
+
 sweep()
 dispatch()
 
 if op == 'admit' then
+  -- Granted or queued, the reply ends with the pool's epoch: a worker learns it with its
+  -- first lease there, before its heartbeat does.
   local ticket, acct, tokens = ARGV[6], ARGV[7], tonumber(ARGV[8])
   local max_q, max_qtok, acct_cap, acct_tok = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
   -- After dispatch() either no slot is free or nobody waits: nobody jumps the queue.
@@ -204,18 +246,18 @@ if op == 'admit' then
     -- NX: a retry of an admit that already got its slot only renews it.
     if redis.call('ZADD', SEM, 'NX', now + ttl, ticket) == 0 then
       redis.call('ZADD', SEM, 'XX', now + ttl, ticket)
-      return {1, remaining()}
+      return {1, remaining(), ep}
     end
     used = used + 1
     redis.call('HSET', LMETA, ticket, acct)
     add_held(acct, 1)
-    return {1, remaining()}
+    return {1, remaining(), ep}
   end
   if redis.call('ZSCORE', SEM, ticket) then                       -- idempotent retry
     redis.call('ZADD', SEM, 'XX', now + ttl, ticket)
-    return {1, remaining()}
+    return {1, remaining(), ep}
   end
-  if qn > 0 and redis.call('HEXISTS', QMETA, ticket) == 1 then return {2, qn, hold_v} end
+  if qn > 0 and redis.call('HEXISTS', QMETA, ticket) == 1 then return {2, qn, hold_v, ep} end
   local q = redis.call('HMGET', ST, 'qtok', 'n:' .. acct, 't:' .. acct, 'seq', 'l:' .. acct)
   local qtok, acct_n, acct_t = tonumber(q[1] or '0'), tonumber(q[2] or '0'), tonumber(q[3] or '0')
   local reason
@@ -241,7 +283,7 @@ if op == 'admit' then
     fields[#fields + 1] = 'r:' .. acct; fields[#fields + 1] = member
   end
   store(fields)
-  return {2, qn, hold_v}
+  return {2, qn, hold_v, ep}
 end
 
 if op == 'poll' then
