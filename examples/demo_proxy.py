@@ -48,7 +48,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 
 from examples.forwarder import TARGETS, Forwarder, UpstreamSettings, forwarding_routes
-from examples.serving import freeze_startup_heap
+from examples.serving import tune_gc
 from governor import Governor, MetricsApp, get_context, load_config, usage_routes, wrap
 from governor.breaker import admin_routes as breaker_routes
 from governor.catalog import ModelSpec
@@ -285,7 +285,7 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with forwarder.lifespan():
-            freeze_startup_heap()
+            tune_gc()
             try:
                 yield
             finally:

@@ -38,7 +38,7 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 
-from examples.serving import freeze_startup_heap
+from examples.serving import tune_gc
 from governor.catalog import Upstream
 from governor.context import ROUTES, RequestContext, Surface, get_context, match_route
 from governor.errors import (
@@ -394,7 +394,7 @@ def bare_app(settings: UpstreamSettings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with forwarder.lifespan():
-            freeze_startup_heap()  # as the demo does
+            tune_gc()  # as the demo does
             yield
 
     return Starlette(routes=forwarding_routes(forwarder), lifespan=lifespan)

@@ -82,15 +82,25 @@ def url_of(sock: socket.socket) -> str:
 FAST_SERVING: dict[str, Any] = {"http": "httptools", "loop": "auto", "access_log": False}
 
 
-def freeze_startup_heap() -> None:
-    """Move everything alive after start-up out of the garbage collector's sight.
+# Collections of the youngest generation at 20,000 new container objects instead of 700:
+# a governed request allocates hundreds, and each collection walks every request in
+# flight; measured over loopback, 20,000 cut the governed proxy's CPU per request by
+# about 9% (100,000 gained less).
+GC_THRESHOLDS = (20_000, 20, 20)
 
-    Modules, config, catalog, routes and clients live as long as the process; without
-    this, every full collection walks them all again (``gc.freeze``, as large Python
-    servers do). The demo and the bare proxy both call it once serving starts."""
-    if os.environ.get("GOVERNOR_GC_FREEZE", "1") != "0":
+
+def tune_gc() -> None:
+    """Set the garbage collector up for a long-lived server, once serving starts.
+
+    Everything alive by then (modules, config, catalog, routes, clients) lives as long
+    as the process: ``gc.freeze`` keeps full collections from walking it again, as
+    large Python servers do; and the young generation is collected less often
+    (:data:`GC_THRESHOLDS`). The demo and the bare proxy both call it, so comparisons
+    stay fair. ``GOVERNOR_GC_TUNE=0`` leaves Python's defaults."""
+    if os.environ.get("GOVERNOR_GC_TUNE", "1") != "0":
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
 
 
 def server_config(app: ASGIApp, **options: Any) -> uvicorn.Config:

@@ -25,6 +25,10 @@ from governor.config import RedisConfig
 # The fault table's recorder and --faults-report (docs/faults.md).
 pytest_plugins = ("tests.faults_report",)
 
+# Apps served in this process (and the servers tests start) keep Python's default
+# garbage collector: examples.serving.tune_gc would freeze the test process's heap.
+os.environ.setdefault("GOVERNOR_GC_TUNE", "0")
+
 REDIS_URL = os.environ.get("GOVERNOR_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_REDIS = os.environ.get("GOVERNOR_REQUIRE_REDIS") == "1"
 

@@ -692,3 +692,24 @@ def test_admin_routes_absent_without_token(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("GOVERNOR_ADMIN_TOKEN", raising=False)
     paths = [getattr(r, "path", "") for r in extra_routes(Governor())]
     assert not any(p.startswith("/admin") for p in paths)
+
+
+def test_tune_gc_freezes_and_raises_the_young_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serving starts with the start-up heap frozen and gen 0 collected less often;
+    GOVERNOR_GC_TUNE=0 leaves Python's defaults."""
+    import gc
+
+    from examples.serving import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    monkeypatch.setenv("GOVERNOR_GC_TUNE", "0")
+    tune_gc()
+    assert gc.get_threshold() == before
+    monkeypatch.delenv("GOVERNOR_GC_TUNE")
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
