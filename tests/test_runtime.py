@@ -59,10 +59,22 @@ async def test_a_governed_request_leaves_no_reference_cycles() -> None:
         for _ in range(3):
             assert (await call(app, headers=auth(), json_body=request)).status == 200
         gc.collect()
-        left = [type(o).__name__ for o in gc.garbage]
+        # Only governor's own objects: leftovers of earlier tests (a fakeredis socket
+        # closing) may turn to garbage in this window too.
+        left = [type(o).__name__ for o in gc.garbage if _governors(o)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
         await gov.aclose()
     assert left == []
+
+
+def _governors(obj: object) -> bool:
+    """Whether *obj* is governor's: an instance of one of its classes, or one of its
+    functions, closures' cells excepted, coroutines or frames."""
+    if type(obj).__module__.startswith("governor"):
+        return True
+    code = getattr(obj, "__code__", None) or getattr(obj, "cr_code", None)
+    code = code or getattr(obj, "f_code", None)
+    return code is not None and "/governor/" in code.co_filename
