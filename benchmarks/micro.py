@@ -259,9 +259,15 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
             starts.clear()
             entries.clear()
             with counter.patched():
+                started = time.perf_counter()
                 us = await run_variant(
                     app, requests, warmup=0, before_each=lambda: starts.append(counter.round_trips)
                 )
+                # Background (heartbeats, breaker syncs) over as long again, idle: what
+                # the requests did not send themselves.
+                sent = counter.commands, counter.round_trips
+                await asyncio.sleep(time.perf_counter() - started)
+                idle = counter.commands - sent[0], counter.round_trips - sent[1]
             server1 = server_calls(await client.info("commandstats"))
             out["redis_version"] = str((await client.info("server")).get("redis_version", "?"))
             keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
@@ -278,8 +284,9 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
         row = {
             "name": name,
             "us": us,
-            "commands_per_request": counter.commands / requests,
-            "round_trips_per_request": counter.round_trips / requests,
+            "commands_per_request": max(0, sent[0] - idle[0]) / requests,
+            "round_trips_per_request": max(0, sent[1] - idle[1]) / requests,
+            "background_commands": idle[0],
             "admission_round_trips": statistics.median(before) if before else 0,
             "admission_round_trips_max": max(before, default=0),
             "server_commands_per_request": sum(server.values()),
