@@ -8,10 +8,9 @@ sending their scripts together is what ioredis calls auto-pipelining. Each scrip
 atomic on its own: a pipeline is not a transaction, so batching changes the transport,
 never what a script sees.
 
-A call waits for at most one loop turn to be sent. When a turn has a single call, it is
-sent on its own (a one-command pipeline costs more than a plain call). Replies come back
-in order; a script's own error fails that call only, a connection failure fails the
-batch.
+A call waits for at most one loop turn to be sent, and a lone call goes the same lean
+way (cheaper than redis-py's own path: see ``_pipeline``). Replies come back in order; a
+script's own error fails that call only, a connection failure fails the batch.
 """
 
 from __future__ import annotations
