@@ -115,8 +115,8 @@ class ScriptBatcher:
             for script, keys, args, _ in batch
         )
         pool: Any = self._client.connection_pool  # its get_connection() is untyped
-        # The last batch's connection, kept: the pool's get and release cost about
-        # 13 µs a batch, a sixth of a lone request's round trip.
+        # The last batch's connection, kept: the pool's get and release (locks, checks)
+        # came to a third of a lone request's Redis CPU in-process (740 -> 500 µs).
         connection: Any = self._idle
         self._idle = None
         if connection is None:
