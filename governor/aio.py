@@ -18,7 +18,7 @@ import asyncio
 import logging
 import types
 from collections.abc import Callable, Collection, Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 _T = TypeVar("_T")
 
@@ -66,6 +66,16 @@ def spawn(coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
     return task
 
 
+def _begin(coro: Coroutine[Any, Any, _T]) -> tuple[asyncio.Task[_T] | None, _T | None]:
+    """Drive *coro* inline to its first wait: ``(None, result)`` when it ended without
+    one, else ``(the task it goes on in, None)``."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        return None, stop.value
+    return spawn(_continue(coro, yielded)), None
+
+
 async def finish(
     coro: Coroutine[Any, Any, _T],
     *,
@@ -76,11 +86,9 @@ async def finish(
     *on_task* is told of the task when one was needed, so that another layer can wait
     for the clean-up to end.
     """
-    try:
-        yielded = coro.send(None)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    task = spawn(_continue(coro, yielded))
+    task, result = _begin(coro)
+    if task is None:
+        return cast(_T, result)
     if on_task is not None:
         on_task(task)
     return await asyncio.shield(task)
@@ -94,11 +102,7 @@ def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     begin a clean-up before passing a message on, so that its Redis call is sent in the
     same loop turn (the same auto-pipelined round trip) as what the next layer does.
     """
-    try:
-        yielded = coro.send(None)
-    except StopIteration:
-        return None
-    return spawn(_continue(coro, yielded))
+    return _begin(coro)[0]
 
 
 async def cancel_all(
