@@ -233,6 +233,13 @@ def server_calls(commandstats: dict[str, Any]) -> dict[str, int]:
     }
 
 
+async def drop_keys(client: Any, prefix: str) -> None:
+    """Delete a run's keys (its unique prefix) from a Redis others may share."""
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+    for i in range(0, len(keys), 500):
+        await client.unlink(*keys[i : i + 500])
+
+
 async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
     """Each layer and the full stack on the Redis backend: µs/request and what each sends."""
     out: dict[str, Any] = {"requests": requests, "layers": []}
@@ -270,9 +277,7 @@ async def redis_variants(redis_url: str, requests: int) -> dict[str, Any]:
                 idle = counter.commands - sent[0], counter.round_trips - sent[1]
             server1 = server_calls(await client.info("commandstats"))
             out["redis_version"] = str((await client.info("server")).get("redis_version", "?"))
-            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-            for i in range(0, len(keys), 500):
-                await client.unlink(*keys[i : i + 500])
+            await drop_keys(client, prefix)
         finally:
             await gov.aclose()
         before = [e - b for b, e in zip(starts, entries, strict=True)]
@@ -331,10 +336,7 @@ async def redis_concurrent(
             cpu = time.process_time()
             await asyncio.gather(*(client(each) for _ in range(clients)))
             cpu = time.process_time() - cpu
-        client_ = gov.backend.redis
-        keys = [k async for k in client_.scan_iter(match=f"{prefix}*")]
-        for i in range(0, len(keys), 500):
-            await client_.unlink(*keys[i : i + 500])
+        await drop_keys(gov.backend.redis, prefix)
     finally:
         await gov.aclose()
     total = each * clients

@@ -40,6 +40,22 @@ async def test_redis_counter_counts_commands_and_restores_redis_py() -> None:
     await client.aclose()
 
 
+@pytest.mark.redis
+async def test_micro_benchmark_redis_rows_count_what_governor_sends() -> None:
+    """On Redis the full stack sends 6 script calls per request, 3 round trips before the
+    app; with 64 requests at once auto-pipelining shares the round trips."""
+    from tests import conftest
+
+    await (await conftest.real_redis_or_skip()).aclose()
+    out = await micro.redis_variants(conftest.REDIS_URL, 20)
+    assert abs(out["commands_per_request"] - 6) < 0.5
+    assert out["admission_round_trips"] == 3
+    concurrent = out["concurrent"]
+    assert abs(concurrent["commands_per_request"] - 6) < 0.5
+    assert concurrent["round_trips_per_request"] < 3
+    assert "64 requests at once (auto-pipelined)" in micro.redis_report(out)
+
+
 def test_max_in_window_is_the_busiest_sliding_window() -> None:
     """The busiest window counts arrivals less than a window apart."""
     assert max_in_window([], 60) == 0
