@@ -95,6 +95,17 @@ async def no_slots(stack: Stack) -> bool:
     return await stack.slots() == (0, 0)
 
 
+async def recover(proxy: FaultProxy, stack: Stack, *, slots: bool = False) -> float:
+    """Let Redis through again: seconds until the stack serves normally (and, with
+    *slots*, holds no slot)."""
+    proxy.restore()
+    t0 = time.monotonic()
+    await wait_for(lambda: recovered(stack))
+    if slots:
+        await wait_for(lambda: no_slots(stack))
+    return time.monotonic() - t0
+
+
 async def charge_of(stack: Stack, body: Any, path: str = CHAT) -> int:
     """What one such request is charged (measured on a healthy stack)."""
     before, _, _ = await stack.ledger()
@@ -138,10 +149,7 @@ async def test_down_at_start_fail_open_holds_fair_share(
         gauges = degraded_gauges(stack)
         assert all(gauges[g] == 1 for g in GUARDS), gauges
         assert stack.metric("governor_degraded_requests_total", guard="billing", mode="open") >= 2
-        proxy.restore()
-        t0 = time.monotonic()
-        await wait_for(lambda: recovered(stack))
-        recovery = time.monotonic() - t0
+        recovery = await recover(proxy, stack)
         charge = await charge_of(stack, chat())
         balance, _, _ = await ledger_settled(stack)
         # Served unbilled while down (fail open); billed once each after recovery.
@@ -187,10 +195,7 @@ async def test_down_at_start_fail_closed(
         assert len(stack.mock.requests) == 0
         records = await stack.records()
         assert [r.outcome for r in records] == ["refused", "refused"]
-        proxy.restore()
-        t0 = time.monotonic()
-        await wait_for(lambda: recovered(stack))
-        recovery = time.monotonic() - t0
+        recovery = await recover(proxy, stack)
         charge = await charge_of(stack, chat())
         balance, _, _ = await ledger_settled(stack)
         # Nothing was charged for the refusals: only the successful requests since.
@@ -254,11 +259,7 @@ async def test_killed_under_load(
         # The streams' slots could not be released while Redis was down.
         failed_releases = stack.metric("governor_admission_backend_errors_total", op="release")
         assert 1 <= failed_releases <= streams
-        proxy.restore()
-        t0 = time.monotonic()
-        await wait_for(lambda: recovered(stack))
-        await wait_for(lambda: no_slots(stack))
-        recovery = time.monotonic() - t0
+        recovery = await recover(proxy, stack, slots=True)
         balance, _, _ = await ledger_settled(stack)
         plain = sum(1 for r in await stack.records() if r.outcome == "success" and not r.stream)
         expected = (1 + streams) * charge + plain * charge_n
@@ -324,11 +325,7 @@ async def test_killed_while_requests_queue(
         # Every waiter was served: locally, at the fair share of 2 // 2 = 1 slot.
         assert statuses == [200] * 5, statuses
         assert all("admission" in (r.header(DEGRADED) or "") for r in results[2:])
-        proxy.restore()
-        t0 = time.monotonic()
-        await wait_for(lambda: recovered(stack))
-        await wait_for(lambda: no_slots(stack))
-        recovery = time.monotonic() - t0
+        recovery = await recover(proxy, stack, slots=True)
         await ledger_settled(stack)
     faults.record(
         "Redis killed while requests wait for a slot",
